@@ -1,0 +1,89 @@
+"""Service lifecycle: signals set a stop event; clients start in order and close in reverse.
+
+    async with ServiceLifecycle("scoring") as life:
+        consumer = await life.start(make_consumer(...), close=lambda c: c.stop())
+        ...
+        await run(..., stop=life.stop_event)
+
+SIGTERM or SIGINT set `stop_event`; the processing loop checks it between batches, so the
+batch in hand is finished and committed before the clients close. A second signal while
+stopping exits at once (an operator who presses Ctrl-C twice means it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from shared.logging import get_logger
+
+__all__ = ["ServiceLifecycle", "Startable"]
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class Startable(Protocol):
+    async def start(self) -> Any: ...
+    async def stop(self) -> Any: ...
+
+
+class ServiceLifecycle:
+    def __init__(self, name: str, *, handle_signals: bool = True) -> None:
+        self.name = name
+        self.stop_event = asyncio.Event()
+        self._handle_signals = handle_signals
+        self._closers: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._signals_seen = 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(130)
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        self.stop_event.set()
+
+    async def __aenter__(self) -> ServiceLifecycle:
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info("service_starting", pid=os.getpid())
+        return self
+
+    async def start(self, client: T, *, name: str | None = None) -> T:
+        """Start a client with `start()`/`stop()` and register it to be stopped on exit."""
+        await client.start()  # type: ignore[attr-defined]
+        self.on_close(name or type(client).__name__, client.stop)  # type: ignore[attr-defined]
+        return client
+
+    def on_close(self, name: str, close: Callable[[], Awaitable[Any]]) -> None:
+        self._closers.append((name, close))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_event.set()
+        for name, close in reversed(self._closers):
+            try:
+                await asyncio.wait_for(close(), timeout=30)
+            except Exception as e:  # closing must go on: one stuck client must not hold others
+                log.warning("close_failed", client=name, error=repr(e))
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.error("service_failed", error=repr(exc))
+        log.info("service_stopped")
