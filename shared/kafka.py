@@ -200,6 +200,9 @@ class OutputRecord:
     value: bytes
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
+    # Carry the raw record's timestamp through every stage, so that a reader of any topic knows
+    # when the transaction entered the pipeline (end-to-end latency without extra fields).
+    timestamp_ms: int | None = None
 
 
 @dataclass
@@ -275,7 +278,13 @@ async def run_exactly_once(
                 outputs = await transform(records)
                 async with producer.transaction():
                     futures = [
-                        await producer.send(o.topic, o.value, key=o.key, headers=o.headers or None)
+                        await producer.send(
+                            o.topic,
+                            o.value,
+                            key=o.key,
+                            headers=o.headers or None,
+                            timestamp_ms=o.timestamp_ms,
+                        )
                         for o in outputs
                     ]
                     await producer.send_offsets_to_transaction(

@@ -1,0 +1,1 @@
+"""The pure scoring core: features, rules, model, decision (no I/O beyond loading files)."""
