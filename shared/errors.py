@@ -5,6 +5,7 @@
     ├── InputError                   a transaction or request that breaks the contract
     │   ├── DecodeError              bytes that are not a Transaction (protobuf or JSON)
     │   └── ValidationError          a decoded Transaction with a bad field
+    ├── InfraError                   local Kafka/Redis could not be fetched, started or reached
     ├── RulesFileError               a rules file that cannot be used (old rules stay in force)
     └── ModelFileError               a model artifact that cannot be used (old model stays)
 

@@ -66,7 +66,7 @@ async def consume_committed(
         await consumer.stop()
 
 
-async def _partitions(consumer, topic: str):  # type: ignore[no-untyped-def]
+async def _partitions(consumer, topic: str):
     from aiokafka import TopicPartition
 
     for _ in range(50):
