@@ -178,7 +178,14 @@ async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None)
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     message = rest[0] if rest else ""
                     raise KafkaError(f"creating topic {name!r} failed: error {code} {message}")
-        for description in await admin.describe_topics(wanted):
+        descriptions = await admin.describe_topics(wanted)
+        # A new topic's partitions get their leaders a moment after creation; producing before
+        # that only earns NotLeaderForPartition retries, so wait (bounded) until all have one.
+        deadline = time.monotonic() + 15
+        while missing and time.monotonic() < deadline and not _all_led(descriptions):
+            await asyncio.sleep(0.05)
+            descriptions = await admin.describe_topics(wanted)
+        for description in descriptions:
             partitions = len(description.get("partitions", []))
             if partitions and partitions != settings.kafka.topic_partitions:
                 log.warning(
@@ -192,6 +199,15 @@ async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None)
         return missing
     finally:
         await admin.close()
+
+
+def _all_led(descriptions: list[dict[str, Any]]) -> bool:
+    return all(
+        description.get("error_code", 0) == 0
+        and description.get("partitions")
+        and all(p.get("leader", -1) >= 0 for p in description["partitions"])
+        for description in descriptions
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.config import Settings, TopicSettings, load_settings
-from shared.kafka import ensure_topics
+from shared.kafka import ensure_topics, make_admin
 from shared.redis_client import make_redis
 
 TEST_PARTITIONS = 3
@@ -95,11 +95,20 @@ def make_test_settings(infra: Infra, **environ: str) -> Settings:
 
 
 @pytest.fixture
-async def settings(infra: Infra) -> Settings:
-    """Fresh per-test settings with every topic already created."""
+async def settings(infra: Infra) -> AsyncIterator[Settings]:
+    """Fresh per-test settings with every topic already created (and deleted afterwards, so
+    a long session does not leave the broker carrying thousands of partitions)."""
     test_settings = make_test_settings(infra)
     await ensure_topics(test_settings)
-    return test_settings
+    yield test_settings
+    admin = make_admin(test_settings)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(test_settings.topics.all()))
+    except Exception:  # best effort: a test that deleted its own topics is fine too
+        pass
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
