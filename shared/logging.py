@@ -17,6 +17,26 @@ __all__ = ["configure_logging", "get_logger"]
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of the write, not at configuration time:
+    test runners and the `run` command swap stderr, and a logger holding a closed stream would
+    fail on every later line."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        super().__init__(_CurrentStderr())
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger (aiokafka, grpc) for this process."""
     global _configured
@@ -39,14 +59,14 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
     # Library loggers (aiokafka, grpc) go through the same renderer, at WARNING unless debugging,
     # because aiokafka is chatty at INFO about every rebalance step.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
