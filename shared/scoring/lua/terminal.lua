@@ -1,0 +1,420 @@
+-- fraudstream velocity: terminal counters and labeled fraud, the handbook's delayed windows.
+-- A terminal's keys hash to another slot than the account's ({term:<id>} vs {acct:<id>}), so
+-- terminals have their own script (Redis Cluster refuses a script touching two slots), sent in
+-- the same pipeline. Semantics: shared/scoring/features.py (_TerminalModel).
+--
+-- KEYS:    four per terminal:
+--          vc  hash  M1, M2: packed meta (8 doubles each: watermark, floors, sizes, pruning;
+--                    running totals of the delayed windows); b<day>: packed (transactions,
+--                    labeled fraud) of the day
+--          vz  zset  f<txid> fraud-labeled transactions at their event ms; x<txid> (index of
+--                    the late results) at XB + the watermark when stored
+--          vt  zset  applied transactions at their event ms, each member carrying the stored
+--                    result (a replay returns it unchanged)
+--          vr  hash  <txid> -> stored result of a LATE transaction (rare: usually absent)
+-- ARGV[1]: "A" apply, "P" peek (no writes), "L" labels
+-- ARGV[2]: entries separated by \31. Transactions: terminal number (1-based, into KEYS / 4),
+--          transaction id, event ms (13 digits), its day, the day the delayed windows end at
+--          (day of ms - delay). Labels: terminal number, transaction id, "1" fraud or "0" not,
+--          the labeled transaction's event ms, its day.
+-- Returns: A/P: per entry 7 little-endian doubles (status, count 1/7/30 d, fraud 1/7/30 d);
+--          L: per entry 1 double (1 when the label changed the counts, else 0).
+
+local LATE = __LATE_MS__
+local ID_CAP = __TERMINAL_ID_CAP__
+local LATE_CAP = __TERMINAL_LATE_CAP__
+local LABEL_CAP = __LABEL_CAP__
+local R_T = __TERMINAL_DAY_RETENTION__
+local PRUNE_EVERY = __PRUNE_EVERY_MS__
+local INDEX_PRUNE_EVERY = __INDEX_PRUNE_EVERY_MS__
+local TTL = __TTL_MS__
+local TTL_REFRESH = __TTL_REFRESH_MS__
+
+local DAY = 86400000
+local XB = 140737488355328 -- 2^47: late-result index scores start here (fraud ids are below)
+
+local APPLIED, DUPLICATE, LATE_STATUS = 0, 1, 2
+local NAN = 0 / 0
+
+local floor = math.floor
+local find, sub, format = string.find, string.sub, string.format
+local call = redis.call
+local pack, unpack_struct = struct.pack, struct.unpack
+local META = "<dddddddd"
+local REC = "<i4i4i4i4i4i4"
+local ROW = "<ddddddd"
+local BUCKET = "<i4i4"
+
+local MODE = ARGV[1]
+
+local function num(x)
+  if x ~= x then
+    return nil
+  end
+  return x
+end
+
+local function opt(x)
+  if x == nil then
+    return NAN
+  end
+  return x
+end
+
+local function bucket(v)
+  if not v then
+    return 0, 0
+  end
+  return unpack_struct(BUCKET, v)
+end
+
+local WIDTH = {1, 7, 30}
+
+-- meta: M1 = wm, floor, label floor, next bucket prune, next index prune, #vt, #fraud ids, #late
+--       M2 = dw, then (transactions, fraud) of the windows of 1, 7, 30 days ending at day dw =
+--            day(wm - label delay) (running totals), next TTL refresh
+local function read_meta(m1, m2)
+  local s = {tn = 0, zn = 0, xn = 0, v = {0, 0, 0, 0, 0, 0}}
+  if m1 then
+    local wm, fl, lf, np, vp
+    wm, fl, lf, np, vp, s.tn, s.zn, s.xn = unpack_struct(META, m1)
+    s.wm, s.fl, s.lf, s.np, s.vp = num(wm), num(fl), num(lf), num(np), num(vp)
+  end
+  if m2 then
+    local dw, a, b, c, d, e, f, xp = unpack_struct(META, m2)
+    s.dw, s.xp = num(dw), num(xp)
+    s.v = {a, b, c, d, e, f}
+  end
+  return s
+end
+
+local function meta_fields(s, fields)
+  local v = s.v
+  fields[#fields + 1] = "M1"
+  fields[#fields + 1] = pack(META, opt(s.wm), opt(s.fl), opt(s.lf), opt(s.np), opt(s.vp), s.tn,
+    s.zn, s.xn)
+  fields[#fields + 1] = "M2"
+  fields[#fields + 1] = pack(META, opt(s.dw), v[1], v[2], v[3], v[4], v[5], v[6], opt(s.xp))
+  return fields
+end
+
+-- add (transactions, fraud) of `day` to the totals of the windows ending at `dw` it falls in
+local function add_to_windows(v, dw, day, c, f)
+  for w = 1, 3 do
+    if day <= dw and day > dw - WIDTH[w] then
+      v[w], v[w + 3] = v[w] + c, v[w + 3] + f
+    end
+  end
+end
+
+local function tx_entry(kc, kz, kt, kr, txid, t_s, bt_s, dd_s)
+  local t, bt, dd = tonumber(t_s), tonumber(bt_s), tonumber(dd_s)
+  local bname = "b" .. bt_s
+  local m = call("HMGET", kc, "M1", "M2", bname)
+  local s = read_meta(m[1], m[2])
+  local wm0 = s.wm
+
+  if wm0 ~= nil and t <= wm0 then
+    if t > wm0 - LATE then
+      local same = call("ZRANGEBYSCORE", kt, t_s, t_s)
+      for i = 1, #same do
+        local n, pos = unpack_struct("<H", same[i])
+        if sub(same[i], pos, pos + n - 1) == txid then
+          local a, b, c, d, e, f = unpack_struct(REC, same[i], pos + n)
+          return pack(ROW, DUPLICATE, a, b, c, d, e, f)
+        end
+      end
+    end
+    if s.xn > 0 then
+      local r = call("HGET", kr, txid)
+      if r and unpack_struct("<d", r) > wm0 - LATE then
+        local a, b, c, d, e, f = unpack_struct(REC, r, 9)
+        return pack(ROW, LATE_STATUS, a, b, c, d, e, f)
+      end
+    end
+  end
+
+  local status = APPLIED
+  if wm0 ~= nil and (t <= wm0 - LATE or (s.fl ~= nil and t <= s.fl)) then
+    status = LATE_STATUS
+  end
+  local wm1 = t
+  if wm0 ~= nil and wm0 > t then
+    wm1 = wm0
+  end
+
+  -- The delayed windows end at day dd. The totals in M2 end at dw = day(wm - delay): the same
+  -- day for most transactions, a few days entering and leaving when it moves on, an explicit
+  -- sum only for a transaction far behind (or the first one).
+  local v = {s.v[1], s.v[2], s.v[3], s.v[4], s.v[5], s.v[6]}
+  local advance = false
+  if s.dw ~= nil and dd == s.dw then
+    advance = false
+  elseif s.dw ~= nil and dd > s.dw and dd - s.dw < 30 then
+    local names, role = {}, {}
+    for idx = s.dw + 1, dd do
+      names[#names + 1] = "b" .. idx
+      role[#role + 1] = 0
+    end
+    for w = 1, 3 do
+      local last = dd - WIDTH[w]
+      if last > s.dw then
+        last = s.dw
+      end
+      for idx = s.dw - WIDTH[w] + 1, last do
+        names[#names + 1] = "b" .. idx
+        role[#role + 1] = w
+      end
+    end
+    local got = call("HMGET", kc, unpack(names))
+    for j = 1, #names do
+      if got[j] then
+        local c, f = bucket(got[j])
+        local w = role[j]
+        if w == 0 then
+          add_to_windows(v, dd, tonumber(sub(names[j], 2)), c, f)
+        else
+          v[w], v[w + 3] = v[w] - c, v[w + 3] - f
+        end
+      end
+    end
+    advance = true
+  else
+    v = {0, 0, 0, 0, 0, 0}
+    if m[1] then
+      local lo = dd - 30
+      local bw = floor(wm1 / DAY)
+      if bw - R_T > lo then
+        lo = bw - R_T
+      end
+      if lo < dd then
+        local names = {}
+        for idx = lo + 1, dd do
+          names[#names + 1] = "b" .. idx
+        end
+        local got = call("HMGET", kc, unpack(names))
+        for j = 1, #names do
+          if got[j] then
+            local c, f = bucket(got[j])
+            add_to_windows(v, dd, lo + j, c, f)
+          end
+        end
+      end
+    end
+    advance = s.dw == nil or dd > s.dw
+  end
+  local record = pack(REC, v[1], v[2], v[3], v[4], v[5], v[6])
+  local row = pack(ROW, status, v[1], v[2], v[3], v[4], v[5], v[6])
+  if MODE ~= "A" then
+    return row
+  end
+
+  local fields = {}
+  if status == LATE_STATUS then
+    call("HSET", kr, txid, pack("<d", wm0) .. record)
+    if s.xn == 0 then
+      call("PEXPIRE", kr, TTL)
+    end
+    s.xn = s.xn + call("ZADD", kz, format("%d", XB + wm0), "x" .. txid)
+    if s.xn > LATE_CAP then
+      local gone = call("ZRANGEBYSCORE", kz, format("%d", XB), "+inf", "LIMIT", 0,
+        s.xn - LATE_CAP)
+      for i = 1, #gone do
+        call("ZREM", kz, gone[i])
+        call("HDEL", kr, sub(gone[i], 2))
+      end
+      s.xn = s.xn - #gone
+    end
+    call("HSET", kc, unpack(meta_fields(s, fields)))
+    return row
+  end
+
+  if advance then
+    s.dw, s.v = dd, v
+  end
+  if bt > floor(wm1 / DAY) - R_T then
+    local c, f = bucket(m[3])
+    fields[#fields + 1] = bname
+    fields[#fields + 1] = pack(BUCKET, c + 1, f)
+    if s.dw ~= nil then
+      add_to_windows(s.v, s.dw, bt, 1, 0)
+    end
+  end
+  call("ZADD", kt, t_s, pack("<H", #txid) .. txid .. record)
+  if s.tn == 0 then
+    call("PEXPIRE", kt, TTL)
+  end
+  s.tn = s.tn + 1
+  if s.vp == nil or wm1 >= s.vp then
+    -- ids past the late tolerance go at most INDEX_PRUNE_EVERY late
+    s.tn = s.tn - call("ZREMRANGEBYSCORE", kt, "-inf", wm1 - LATE)
+    s.vp = wm1 + INDEX_PRUNE_EVERY
+  end
+  if s.tn > ID_CAP then
+    local k = s.tn - ID_CAP
+    local gone = call("ZRANGE", kt, 0, k - 1, "WITHSCORES")
+    call("ZREMRANGEBYRANK", kt, 0, k - 1)
+    for i = 2, #gone, 2 do
+      local ms = tonumber(gone[i])
+      if s.fl == nil or ms > s.fl then
+        s.fl = ms
+      end
+    end
+    s.tn = s.tn - k
+  end
+
+  -- Day buckets and fraud ids are pruned at most once per PRUNE_EVERY. The days it drops are
+  -- all older than the totals' windows (R_T covers 30 d + the delay + the late tolerance).
+  if s.np == nil or wm1 >= s.np then
+    local cut = floor(wm1 / DAY) - R_T
+    local del = {}
+    local top = wm0 and floor(wm0 / DAY) or nil
+    if top == nil or cut >= top then
+      -- first transaction (labels may have come first) or everything is stale: one pass over
+      -- the hash, which holds at most the retained days and LABEL_CAP fraud days
+      local names = call("HKEYS", kc)
+      for i = 1, #names do
+        local idx = sub(names[i], 1, 1) == "b" and tonumber(sub(names[i], 2))
+        if idx and idx <= cut then
+          del[#del + 1] = names[i]
+        end
+      end
+    elseif s.np ~= nil and cut > floor((s.np - PRUNE_EVERY) / DAY) - R_T then
+      -- the previous prune ran at np - PRUNE_EVERY: buckets that exist are in (its cut, top]
+      local start = floor((s.np - PRUNE_EVERY) / DAY) - R_T + 1
+      local bound = top - R_T - floor(PRUNE_EVERY / DAY) - 2
+      if start < bound then
+        start = bound
+      end
+      for idx = start, cut do
+        del[#del + 1] = "b" .. idx
+      end
+    end
+    if #del > 0 then
+      call("HDEL", kc, unpack(del))
+    end
+    if s.zn > 0 then
+      s.zn = s.zn - call("ZREMRANGEBYSCORE", kz, "-inf", (cut + 1) * DAY - 1)
+    end
+    if s.xn > 0 then
+      local hi = format("%d", XB + wm1 - LATE)
+      local gone = call("ZRANGEBYSCORE", kz, format("%d", XB), hi)
+      if #gone > 0 then
+        local ids = {}
+        for i = 1, #gone do
+          ids[i] = sub(gone[i], 2)
+        end
+        call("HDEL", kr, unpack(ids))
+        s.xn = s.xn - call("ZREMRANGEBYSCORE", kz, format("%d", XB), hi)
+      end
+    end
+    s.np = wm1 + PRUNE_EVERY
+  end
+  if s.xp == nil or wm1 >= s.xp then
+    call("PEXPIRE", kc, TTL)
+    call("PEXPIRE", kt, TTL)
+    if s.zn > 0 or s.xn > 0 then
+      call("PEXPIRE", kz, TTL)
+    end
+    if s.xn > 0 then
+      call("PEXPIRE", kr, TTL)
+    end
+    s.xp = wm1 + TTL_REFRESH
+  end
+  s.wm = wm1
+  call("HSET", kc, unpack(meta_fields(s, fields)))
+  return row
+end
+
+local function label_entry(kc, kz, txid, fraud, t_s, day_s)
+  local t, day = tonumber(t_s), tonumber(day_s)
+  local m = call("HMGET", kc, "M1", "M2", "b" .. day_s)
+  local s = read_meta(m[1], m[2])
+  local wm0 = s.wm
+  if wm0 ~= nil and day <= floor(wm0 / DAY) - R_T then
+    return 0 -- past retention: the day it would count on is gone
+  end
+  if s.lf ~= nil and t <= s.lf then
+    return 0 -- its id may have been evicted by the cap: never count it twice
+  end
+  local old = tonumber(call("ZSCORE", kz, "f" .. txid))
+  local known = old ~= nil and (wm0 == nil or floor(old / DAY) > floor(wm0 / DAY) - R_T)
+  local fields = {}
+  local changed_day, delta
+  if fraud == "1" and not known then
+    s.zn = s.zn + call("ZADD", kz, t_s, "f" .. txid)
+    local c, f = bucket(m[3])
+    fields[1], fields[2] = "b" .. day, pack(BUCKET, c, f + 1)
+    changed_day, delta = day, 1
+    if s.zn > LABEL_CAP then
+      local k = s.zn - LABEL_CAP
+      local gone = call("ZRANGE", kz, 0, k - 1, "WITHSCORES")
+      call("ZREMRANGEBYRANK", kz, 0, k - 1)
+      for i = 2, #gone, 2 do
+        local ms = tonumber(gone[i])
+        if s.lf == nil or ms > s.lf then
+          s.lf = ms
+        end
+      end
+      s.zn = s.zn - k
+    end
+  elseif fraud == "0" and known then
+    call("ZREM", kz, "f" .. txid)
+    s.zn = s.zn - 1
+    local od = floor(old / DAY)
+    local v = m[3]
+    if od ~= day then
+      v = call("HGET", kc, "b" .. od)
+    end
+    local c, f = bucket(v)
+    fields[1], fields[2] = "b" .. od, pack(BUCKET, c, f - 1)
+    changed_day, delta = od, -1
+  else
+    return 0
+  end
+  if s.dw ~= nil then
+    add_to_windows(s.v, s.dw, changed_day, 0, delta)
+  end
+  call("HSET", kc, unpack(meta_fields(s, fields)))
+  -- labels may reach a terminal before (or without) any transaction: keep its keys expiring
+  call("PEXPIRE", kc, TTL)
+  if s.zn > 0 then
+    call("PEXPIRE", kz, TTL)
+  end
+  return 1
+end
+
+local F = {}
+do
+  local str = ARGV[2]
+  local pos, nf = 1, 0
+  while true do
+    local e = find(str, "\31", pos, true)
+    nf = nf + 1
+    if e == nil then
+      F[nf] = sub(str, pos)
+      break
+    end
+    F[nf] = sub(str, pos, e - 1)
+    pos = e + 1
+  end
+end
+
+local out = {}
+local i = 1
+if MODE == "L" then
+  while i + 4 <= #F do
+    local base = (tonumber(F[i]) - 1) * 4
+    out[#out + 1] = pack("<d", label_entry(KEYS[base + 1], KEYS[base + 2], F[i + 1], F[i + 2],
+      F[i + 3], F[i + 4]))
+    i = i + 5
+  end
+else
+  while i + 4 <= #F do
+    local base = (tonumber(F[i]) - 1) * 4
+    out[#out + 1] = tx_entry(KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4],
+      F[i + 1], F[i + 2], F[i + 3], F[i + 4])
+    i = i + 5
+  end
+end
+return table.concat(out)
