@@ -1,0 +1,562 @@
+"""The assessment store in Redis: each account's latest assessment, and recent decisions.
+
+Written by the scoring service after every batch (`write_batch` / `write_encoded`); read by the
+query service (`latest`) and by scoring's label loop (`match_labels`, for the live
+precision/recall of past decisions and for the event time a label books fraud on). Key layout,
+`P` being the key prefix (REDIS_KEY_PREFIX):
+
+    P:{acct:<id>}:latest  STRING  the newest ScoredTransaction of the account (by event time),
+                                  serialized, WITHOUT its `features` map (the full message is on
+                                  risk.scores; the map is two thirds of the bytes and the query
+                                  service answers with a live velocity snapshot instead)
+    P:{acct:<id>}:dec     HASH    <transaction id> -> "<event ms> <decision> <label>": the
+                                  decision (protobuf Decision number) of every recent
+                                  transaction, and its label once one came: "-" none, "1" fraud,
+                                  "0" genuine;
+                                  and four bookkeeping fields whose names start with \x01 (no
+                                  transaction id can: ingest refuses control characters):
+                                  "\x01@" -> "<event ms> <transaction id>" of the latest
+                                  assessment, "\x01p" -> event ms of the last pruning,
+                                  "\x01e" -> wall-clock ms of the last expiry refresh,
+                                  "\x01n" -> how many decisions the hash holds
+
+Both keys carry the `{acct:<id>}` hash tag, so one account's writes are one Lua script in one
+Redis Cluster slot.
+
+Writes are idempotent: a batch processed again after a crash (before its Kafka commit) writes
+the same values. The latest assessment is compare-and-set inside the script: it is replaced only
+by a transaction with a later (event ms, transaction id), so an out-of-order or replayed older
+transaction never hides a newer one, and a replay of the newest rewrites it with itself. A
+decision that is written again keeps the label already recorded for it, so a redelivered
+transaction does not make its label count twice.
+
+Retention (bounded memory): decisions are kept `decision_retention_ms` of event time (default:
+twice the label delay, at least the delay + 7 days, so a label that arrives on time finds its
+decision) and at most `decision_cap` per account: the hash is pruned by event time at most once
+per `prune_every_ms` of the account's event time, and whenever it grows past the cap (then the
+oldest go first, down to three quarters of the cap, so pruning costs O(1) per write amortized).
+Both keys expire about `ttl_ms` after the account's last write (wall clock; the decisions'
+expiry is pushed back at most once per `ttl_ms / 30`, a PEXPIRE per account and batch being
+a sizeable share of the script's work).
+
+Calls: `call_mode="batch"` (default) sends the whole batch as ONE script call (one round trip,
+two commands for Python to build whatever the batch size). Such a call spans hash slots, which
+only a single Redis allows; `call_mode="slot"` groups the accounts by slot (one call per slot in
+one pipeline), which Redis Cluster needs. Scripts are sent by SHA and loaded again after a
+NOSCRIPT (Redis restarted or flushed its script cache). Redis errors propagate
+(redis.exceptions.RedisError); every call is idempotent, so the caller retries the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError
+
+from protos.fraud.v1 import scoring_pb2
+from shared.config import Settings
+from shared.redis_client import account_key
+
+__all__ = [
+    "DEFAULT_DECISION_CAP",
+    "AssessmentEntry",
+    "AssessmentStore",
+    "CallMode",
+    "DecisionRecord",
+    "LabelMatch",
+    "LabelStatus",
+    "entry_of",
+]
+
+CallMode = Literal["batch", "slot"]
+
+DAY_MS: Final = 86_400_000
+DEFAULT_LABEL_DELAY_MS: Final = 7 * DAY_MS
+DEFAULT_DECISION_CAP: Final = 2048
+DEFAULT_PRUNE_EVERY_MS: Final = DAY_MS
+_SEP: Final = "\x1f"
+_META: Final = "\x01"  # bookkeeping fields of the decisions hash start with it
+
+
+class LabelStatus:
+    """What `match_labels` found for a label (ints: they come straight from the script)."""
+
+    UNKNOWN = 0  # no decision recorded for the transaction (too old, or never scored here)
+    FIRST = 1  # the first label of a known transaction: count it
+    REPEATED = 2  # the same verdict again (a redelivery): count nothing
+    CHANGED = 3  # the verdict flipped (a chargeback withdrawn): move the count
+
+
+@dataclass(frozen=True, slots=True)
+class AssessmentEntry:
+    """What the store keeps of one scored transaction. `payload` is the serialized
+    ScoredTransaction to keep as the account's latest (without its features map); it is only
+    sent to Redis when the entry is the newest of its account in the batch."""
+
+    account_id: str
+    transaction_id: str
+    event_ms: int
+    decision: int  # scoring_pb2.Decision value
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    event_ms: int
+    decision: int  # scoring_pb2.Decision value
+    label: bool | None  # None: not labeled yet
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMatch:
+    status: int  # LabelStatus
+    event_ms: int | None  # the labeled transaction's event time, when known
+    decision: int | None  # the decision it got, when known
+    previous: bool | None  # the verdict recorded before this label (CHANGED / REPEATED)
+
+    @property
+    def known(self) -> bool:
+        return self.status != LabelStatus.UNKNOWN
+
+
+def entry_of(scored: scoring_pb2.ScoredTransaction) -> AssessmentEntry:
+    """The store entry of a ScoredTransaction message (the features map is dropped)."""
+    tx = scored.transaction
+    slim = scoring_pb2.ScoredTransaction()
+    slim.CopyFrom(scored)
+    slim.ClearField("features")
+    ts = tx.event_time
+    return AssessmentEntry(
+        account_id=tx.account_id,
+        transaction_id=tx.transaction_id,
+        event_ms=int(ts.seconds) * 1000 + int(ts.nanos) // 1_000_000,
+        decision=int(scored.decision),
+        payload=slim.SerializeToString(),
+    )
+
+
+# KEYS: two per account, in order: latest, dec.
+# ARGV[1]: wall-clock now (ms), for the expiry refresh.
+# ARGV[2]: per account, fields separated by \31: the number of its decisions k, then k pairs
+#          (transaction id, "<event ms> <decision>"), then "1" and the latest candidate's event
+#          ms and transaction id, or "0" when the account has no candidate.
+# ARGV[3], ARGV[4], ..: the candidates' payloads, in account order.
+# Returns the number of latest assessments replaced.
+#
+# Per account: one HMGET (latest pointer, prune and expiry marks, the known decisions), one HSET
+# (the decisions, the pointer, the marks), a SET of the latest when it is newer, an HLEN, and
+# a PEXPIRE at most once a day: a redis.call from Lua costs microseconds, so they are counted.
+_WRITE_SCRIPT: Final = r"""
+local RETENTION = tonumber('__RETENTION_MS__')
+local CAP = tonumber('__CAP__')
+local PRUNE_EVERY = tonumber('__PRUNE_EVERY_MS__')
+local TTL = tonumber('__TTL_MS__')
+local REFRESH = math.floor(TTL / 30)
+local call = redis.call
+local find, sub, unpack = string.find, string.sub, unpack
+local SEP = '\31'
+
+local args, n, pos = {}, 0, 1
+local s = ARGV[2]
+while s ~= '' do
+  local at = find(s, SEP, pos, true)
+  n = n + 1
+  if not at then args[n] = sub(s, pos); break end
+  args[n] = sub(s, pos, at - 1)
+  pos = at + 1
+end
+local now = tonumber(ARGV[1])
+
+local function hdel_chunked(key, fields)
+  for i = 1, #fields, 500 do
+    call('HDEL', key, unpack(fields, i, math.min(i + 499, #fields)))
+  end
+end
+
+-- Drop decisions older than the retention, then the oldest beyond the cap.
+local function prune(dec, newest)
+  local flat = call('HGETALL', dec)
+  local gone, kept = {}, {}
+  local cutoff = newest - RETENTION
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if sub(f, 1, 1) ~= '\1' then
+      local v = flat[i + 1]
+      local ms = tonumber(sub(v, 1, find(v, ' ', 1, true) - 1))
+      if ms <= cutoff then gone[#gone + 1] = f else kept[#kept + 1] = {ms, f} end
+    end
+  end
+  local remaining = #kept
+  if #kept > CAP then
+    table.sort(kept, function(a, b) return a[1] < b[1] end)
+    local drop = #kept - math.floor(CAP * 3 / 4)
+    for i = 1, drop do gone[#gone + 1] = kept[i][2] end
+    remaining = #kept - drop
+  end
+  if #gone > 0 then hdel_chunked(dec, gone) end
+  call('HSET', dec, '\1p', newest, '\1n', remaining)
+end
+
+local replaced, i, a, payload = 0, 1, 0, 2
+while i <= n do
+  a = a + 1
+  local latest, dec = KEYS[2 * a - 1], KEYS[2 * a]
+  local k = tonumber(args[i])
+  local fields = {'\1@', '\1p', '\1e', '\1n'}
+  for j = 1, k do fields[4 + j] = args[i + 2 * j - 1] end
+  local known = call('HMGET', dec, unpack(fields))
+  local sets, newest, added = {}, 0, 0
+  for j = 1, k do
+    local txid, value = args[i + 2 * j - 1], args[i + 2 * j]
+    -- a decision written again keeps the label already recorded for it
+    local old = known[4 + j]
+    if not old then added = added + 1 end
+    local label = old and sub(old, -1) or '-'
+    sets[#sets + 1] = txid
+    sets[#sets + 1] = value .. ' ' .. label
+    local ms = tonumber(sub(value, 1, find(value, ' ', 1, true) - 1))
+    if ms > newest then newest = ms end
+  end
+  i = i + 1 + 2 * k
+  if args[i] == '1' then
+    local ms, txid = tonumber(args[i + 1]), args[i + 2]
+    payload = payload + 1
+    local write = true
+    local cur = known[1]
+    if cur then
+      local at = find(cur, ' ', 1, true)
+      local cms, ctx = tonumber(sub(cur, 1, at - 1)), sub(cur, at + 1)
+      if ms < cms or (ms == cms and txid < ctx) then
+        -- older than what is stored: keep it, unless the stored one expired meanwhile
+        write = call('EXISTS', latest) == 0
+      end
+    end
+    if write then
+      call('SET', latest, ARGV[payload], 'PX', TTL)
+      sets[#sets + 1] = '\1@'
+      sets[#sets + 1] = args[i + 1] .. ' ' .. txid
+      replaced = replaced + 1
+    end
+    if ms > newest then newest = ms end
+    i = i + 3
+  else
+    i = i + 1
+  end
+  local refresh = (not known[3]) or now - tonumber(known[3]) >= REFRESH
+  if refresh then
+    sets[#sets + 1] = '\1e'
+    sets[#sets + 1] = now
+  end
+  -- '\1n' counts the decisions kept, so the cap is checked without an HLEN per account.
+  local count = tonumber(known[4] or '0') + added
+  if added > 0 then
+    sets[#sets + 1] = '\1n'
+    sets[#sets + 1] = count
+  end
+  if #sets > 0 then call('HSET', dec, unpack(sets)) end
+  if refresh then call('PEXPIRE', dec, TTL) end
+  local last = tonumber(known[2] or '0')
+  if count > CAP + 3 or (count > 32 and newest - last >= PRUNE_EVERY) then
+    prune(dec, newest)
+  end
+end
+return replaced
+"""
+
+# KEYS: the dec hash of each account, in order.
+# ARGV[1]: the labels, fields separated by \31, three per label: account number (1-based into
+#          KEYS), transaction id, verdict ("1" fraud, "0" genuine).
+# Returns four integers per label: status (LabelStatus), event ms, decision, previous verdict
+# (-1 none, 0, 1).
+_LABEL_SCRIPT: Final = r"""
+local call = redis.call
+local find, sub = string.find, string.sub
+local SEP = '\31'
+local args, n, pos = {}, 0, 1
+local s = ARGV[1]
+while s ~= '' do
+  local at = find(s, SEP, pos, true)
+  n = n + 1
+  if not at then args[n] = sub(s, pos); break end
+  args[n] = sub(s, pos, at - 1)
+  pos = at + 1
+end
+local out = {}
+for i = 1, n, 3 do
+  local dec = KEYS[tonumber(args[i])]
+  local txid, verdict = args[i + 1], args[i + 2]
+  local v = call('HGET', dec, txid)
+  if not v then
+    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = -1
+  else
+    local a = find(v, ' ', 1, true)
+    local b = find(v, ' ', a + 1, true)
+    local ms, d, old = sub(v, 1, a - 1), sub(v, a + 1, b - 1), sub(v, b + 1)
+    local status = 1
+    if old == verdict then status = 2
+    elseif old ~= '-' then status = 3 end
+    if status ~= 2 then call('HSET', dec, txid, ms .. ' ' .. d .. ' ' .. verdict) end
+    out[#out + 1] = status
+    out[#out + 1] = tonumber(ms)
+    out[#out + 1] = tonumber(d)
+    if old == '-' then out[#out + 1] = -1 else out[#out + 1] = tonumber(old) end
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class _Script:
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def _field(value: str) -> str:
+    """An id as a hash field / script argument. An id holding the separator would shift every
+    field after it, and one starting with \x01 could overwrite the bookkeeping fields. Ingest
+    lets neither through; if one comes anyway it is replaced by a stable digest of itself."""
+    if _SEP in value or value.startswith(_META):
+        return "#" + hashlib.sha1(value.encode()).hexdigest()
+    return value
+
+
+def _join(parts: list[str]) -> str:
+    payload = _SEP.join(parts)
+    if payload.count(_SEP) != len(parts) - 1 or _META in payload:
+        payload = _SEP.join(_field(p) for p in parts)
+    return payload
+
+
+class AssessmentStore:
+    """Latest assessment per account and recent decisions per transaction, under `prefix`.
+
+    `AssessmentStore(redis, prefix)` is all the query service needs (`latest`); the scoring
+    service passes the retention from its settings (`from_settings`). The Redis client must
+    return bytes (`decode_responses=False`, as `shared.redis_client.make_redis` builds it)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        *,
+        decision_retention_ms: int | None = None,
+        decision_cap: int = DEFAULT_DECISION_CAP,
+        prune_every_ms: int = DEFAULT_PRUNE_EVERY_MS,
+        ttl_ms: int | None = None,
+        call_mode: CallMode = "batch",
+    ) -> None:
+        if call_mode not in ("batch", "slot"):
+            raise ValueError(f"call_mode must be batch or slot, got {call_mode!r}")
+        retention = decision_retention_ms
+        if retention is None:
+            retention = 2 * DEFAULT_LABEL_DELAY_MS
+        if retention < DAY_MS:
+            raise ValueError("decision_retention_ms must be at least a day")
+        if not 8 <= decision_cap <= 1_000_000:
+            raise ValueError("decision_cap must be within [8, 1000000]")
+        ttl = ttl_ms if ttl_ms is not None else max(30 * DAY_MS, retention + 2 * DAY_MS)
+        self._redis = redis
+        self.prefix = prefix
+        self.decision_retention_ms = retention
+        self.decision_cap = decision_cap
+        self.ttl_ms = ttl
+        self.call_mode: CallMode = call_mode
+        source = _WRITE_SCRIPT
+        for name, value in (
+            ("RETENTION_MS", retention),
+            ("CAP", decision_cap),
+            ("PRUNE_EVERY_MS", prune_every_ms),
+            ("TTL_MS", ttl),
+        ):
+            source = source.replace(f"__{name}__", str(int(value)))
+        self._write = _Script.of(source)
+        self._label = _Script.of(_LABEL_SCRIPT)
+
+    @classmethod
+    def from_settings(
+        cls, redis: aioredis.Redis, settings: Settings, *, call_mode: CallMode = "batch"
+    ) -> AssessmentStore:
+        """Decisions kept twice the label delay (at least the delay plus 7 days)."""
+        delay_ms = settings.scoring.label_delay_s * 1000
+        retention = max(2 * delay_ms, delay_ms + 7 * DAY_MS)
+        return cls(
+            redis,
+            settings.redis_key_prefix,
+            decision_retention_ms=retention,
+            call_mode=call_mode,
+        )
+
+    # ---- keys
+
+    def latest_key(self, account_id: str) -> str:
+        return account_key(self.prefix, account_id, "latest")
+
+    def decisions_key(self, account_id: str) -> str:
+        return account_key(self.prefix, account_id, "dec")
+
+    # ---- reads
+
+    async def latest(self, account_id: str) -> scoring_pb2.ScoredTransaction | None:
+        """The account's newest assessment (by event time), without its features map; None
+        when the store has none (never scored, or expired)."""
+        value = await self._redis.get(self.latest_key(account_id))
+        if value is None:
+            return None
+        return scoring_pb2.ScoredTransaction.FromString(bytes(value))
+
+    async def decision_of(self, account_id: str, transaction_id: str) -> DecisionRecord | None:
+        """The recorded decision (and label) of one transaction, if still retained."""
+        value = await cast(
+            Awaitable[Any],
+            self._redis.hget(self.decisions_key(account_id), _field(transaction_id)),
+        )
+        if value is None:
+            return None
+        ms, decision, label = bytes(value).decode().split(" ")
+        return DecisionRecord(int(ms), int(decision), None if label == "-" else label == "1")
+
+    # ---- writes
+
+    async def load_scripts(self) -> None:
+        for script in (self._write, self._label):
+            sha = await self._redis.script_load(script.source)
+            if sha != script.sha:
+                raise RuntimeError(f"Redis returned SHA {sha!r} for a script hashed {script.sha}")
+
+    async def write_batch(self, scored: Sequence[scoring_pb2.ScoredTransaction]) -> int:
+        """Record the decisions of a batch of scored transactions and keep each account's
+        newest as its latest; return how many latest assessments were replaced."""
+        return await self.write_encoded([entry_of(s) for s in scored])
+
+    async def write_encoded(self, entries: Sequence[AssessmentEntry]) -> int:
+        """`write_batch` for callers that already hold the serialized payloads (the scoring
+        service: the bytes it publishes minus the features map)."""
+        if not entries:
+            return 0
+        # The newest entry of each account in the batch: only it may become the latest, so
+        # only its payload travels.
+        newest: dict[str, AssessmentEntry] = {}
+        for entry in entries:
+            current = newest.get(entry.account_id)
+            if current is None or (entry.event_ms, entry.transaction_id) >= (
+                current.event_ms,
+                current.transaction_id,
+            ):
+                newest[entry.account_id] = entry
+        by_account: dict[str, list[AssessmentEntry]] = {}
+        for entry in entries:
+            by_account.setdefault(entry.account_id, []).append(entry)
+        now = str(int(time.time() * 1000))
+        calls = []
+        for group in self._groups(list(by_account)):
+            keys: list[str] = []
+            parts: list[str] = []
+            payloads: list[bytes] = []
+            for account in group:
+                keys += (self.latest_key(account), self.decisions_key(account))
+                mine = by_account[account]
+                parts.append(str(len(mine)))
+                for entry in mine:
+                    parts += (entry.transaction_id, f"{entry.event_ms} {entry.decision}")
+                candidate = newest[account]
+                parts += ("1", str(candidate.event_ms), candidate.transaction_id)
+                payloads.append(candidate.payload)
+            calls.append((self._write, keys, [now, _join(parts), *payloads]))
+        replies = await self._execute(calls)
+        return sum(int(r) for r in replies)
+
+    async def match_labels(self, labels: Sequence[tuple[str, str, bool]]) -> list[LabelMatch]:
+        """Match (account_id, transaction_id, is_fraud) labels with the recorded decisions and
+        record the verdicts, idempotently: a label seen again with the same verdict is
+        REPEATED. Labels without an account id are UNKNOWN without asking Redis."""
+        matches = [LabelMatch(LabelStatus.UNKNOWN, None, None, None)] * len(labels)
+        positions = [i for i, (account, _, _) in enumerate(labels) if account]
+        if not positions:
+            return matches
+        by_account: dict[str, list[int]] = {}
+        for i in positions:
+            by_account.setdefault(labels[i][0], []).append(i)
+        calls = []
+        rows: list[list[int]] = []
+        for group in self._groups(list(by_account)):
+            keys = [self.decisions_key(account) for account in group]
+            parts: list[str] = []
+            order: list[int] = []
+            for n, account in enumerate(group, 1):
+                for i in by_account[account]:
+                    _, txid, is_fraud = labels[i]
+                    parts += (str(n), txid, "1" if is_fraud else "0")
+                    order.append(i)
+            calls.append((self._label, keys, [_join(parts)]))
+            rows.append(order)
+        replies = await self._execute(calls)
+        for order, reply in zip(rows, replies, strict=True):
+            values = [int(v) for v in reply]
+            if len(values) != 4 * len(order):
+                raise ValueError(f"label script returned {len(values)} values for {len(order)}")
+            for k, i in enumerate(order):
+                status, ms, decision, previous = values[4 * k : 4 * k + 4]
+                if status == LabelStatus.UNKNOWN:
+                    continue
+                matches[i] = LabelMatch(
+                    status, ms, decision, None if previous < 0 else previous == 1
+                )
+        return matches
+
+    # ---- internals
+
+    def _groups(self, accounts: list[str]) -> list[list[str]]:
+        if self.call_mode == "batch" or not accounts:
+            return [accounts] if accounts else []
+        by_slot: dict[int, list[str]] = {}
+        for account in accounts:
+            by_slot.setdefault(key_slot(f"{{acct:{account}}}".encode()), []).append(account)
+        return list(by_slot.values())
+
+    async def _execute(self, calls: list[tuple[_Script, list[str], list[Any]]]) -> list[Any]:
+        """One round trip (a single call, or a pipeline in slot mode); after NOSCRIPT the
+        scripts are loaded and the failed calls sent once more."""
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(3):
+            if len(pending) == 1:
+                script, keys, args = calls[pending[0]]
+                try:
+                    results: list[Any] = [
+                        await cast(Any, self._redis).execute_command(
+                            "EVALSHA", script.sha, len(keys), *keys, *args
+                        )
+                    ]
+                except NoScriptError as e:
+                    results = [e]
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                for j in pending:
+                    script, keys, args = calls[j]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for j, result in zip(pending, results, strict=True):
+                if isinstance(result, NoScriptError) and attempt < 2:
+                    missing.append(j)
+                else:
+                    replies[j] = result
+            if not missing:
+                break
+            await self.load_scripts()
+            pending = missing
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
