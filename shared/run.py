@@ -133,15 +133,28 @@ class TopicWatcher:
         self._partitions: dict[str, list[TopicPartition]] = {}
 
     async def start(self) -> None:
+        # Partition ids from the admin API: a fresh consumer's metadata may not know new topics.
+        admin = make_admin(self.settings, client_id="fraudstream-live-view-admin")
+        await admin.start()
+        try:
+            descriptions = await admin.describe_topics(list(self.stage_topics.values()))
+        finally:
+            await admin.close()
+        partitions_of = {
+            d["topic"]: sorted(p["partition"] for p in d.get("partitions", []))
+            for d in descriptions
+        }
+        for stage, topic in self.stage_topics.items():
+            self._partitions[stage] = [
+                TopicPartition(topic, p) for p in partitions_of.get(topic, [])
+            ]
         consumer = make_consumer(self.settings, group_id=None, client_id="fraudstream-live-view")
         await consumer.start()
         self._consumer = consumer
-        for stage, topic in self.stage_topics.items():
-            parts = consumer.partitions_for_topic(topic) or set()
-            self._partitions[stage] = [TopicPartition(topic, p) for p in sorted(parts)]
         watched = self._partitions["scores"] + self._partitions["alerts"]
         consumer.assign(watched)
-        await consumer.seek_to_end(*watched)
+        if watched:
+            await consumer.seek_to_end(*watched)
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -276,7 +289,7 @@ async def run_suite(args: argparse.Namespace) -> int:
                 progress_interval_s=0.5,
                 # A fresh id space per run: a rerun on a running Redis must not be dropped as
                 # producer retries, nor pile onto the previous run's velocity counters.
-                id_prefix=args.run_id if args.run_id is not None else f"r{uuid.uuid4().hex[:6]}-",
+                id_prefix=args.run_id if args.run_id is not None else f"r{uuid.uuid4().hex[:6]}",
             )
         )
         deadline = started + args.duration if args.duration else None

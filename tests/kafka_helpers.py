@@ -73,6 +73,7 @@ async def _partitions(consumer, topic: str):
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return [TopicPartition(topic, p) for p in sorted(parts)]
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata of a new topic
+        # A fresh consumer may not know a just-created topic yet: refresh its metadata.
+        await consumer._client.force_metadata_update()
         await asyncio.sleep(0.1)
     raise AssertionError(f"topic {topic} has no partitions")

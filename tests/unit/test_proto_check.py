@@ -41,4 +41,3 @@ def test_edit_without_regeneration_fails(repo_copy: Path) -> None:
     result = _proto_check(repo_copy)
     assert result.returncode != 0
     assert "stale generated code: protos/fraud/v1/transaction_pb2" in result.stdout
-
