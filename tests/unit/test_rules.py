@@ -411,7 +411,7 @@ def test_default_rules_file_loads_and_fires_as_intended() -> None:
         {"amount": 2, "count_1m": 6},
         {"amount": 40, "travel_speed_kmh": 5000},
         {"amount": 900, "amount_ratio_30d": 15},
-        {"amount": 40, "distinct_countries_24h": 3},
+        {"amount": 40, "distinct_countries_24h": 4},
         {"amount": 40, "terminal_risk_7d": 0.6},
         {"amount": 25000, "amount_ratio_30d": 1},
         {"amount": 40, "distinct_devices_24h": 4, "first_time_merchant": 1},
