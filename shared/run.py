@@ -300,6 +300,8 @@ async def run_suite(args: argparse.Namespace) -> int:
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if simulator.done():  # the simulated history is all published: drain and stop
+                break
             for service in services:
                 if service.process.returncode is not None:
                     raise RuntimeError(
