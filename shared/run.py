@@ -295,6 +295,7 @@ async def run_suite(args: argparse.Namespace) -> int:
                 id_prefix=args.run_id if args.run_id is not None else f"r{uuid.uuid4().hex[:6]}",
             )
         )
+        exit_code = 0
         deadline = started + args.duration if args.duration else None
         next_refresh = 0.0
         while not stop.is_set():
@@ -319,9 +320,12 @@ async def run_suite(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 next_refresh = time.monotonic() + (1.0 if interactive else 5.0)
         stop.set()
-        with contextlib.suppress(Exception):
+        try:
             published = await asyncio.wait_for(simulator, 30)
             stats.published = published.transactions
+        except Exception as e:  # the simulator failed: say so, still stop everything cleanly
+            print(f"simulator failed: {e!r}", file=sys.stderr)
+            exit_code = 1
         # Let what was published flow through before stopping the services (bounded).
         drain_deadline = time.monotonic() + args.drain_seconds
         while time.monotonic() < drain_deadline:
@@ -332,7 +336,7 @@ async def run_suite(args: argparse.Namespace) -> int:
             if all(lag <= watcher.partition_count() for lag in stats.lags.values()):
                 break
         print(render(stats))
-        return 0
+        return exit_code
     finally:
         for service in services:  # pipeline order: upstream stops first
             code = await stop_service(service)
