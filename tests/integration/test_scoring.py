@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -47,6 +48,7 @@ from tests.kafka_helpers import consume_committed, produce
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RULES = REPO / "rules" / "default.toml"
+DEFAULT_RULES_VERSION = tomllib.loads(DEFAULT_RULES.read_text())["version"]
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event times are data here, not "now"
 D = len(FEATURE_NAMES)
 
@@ -241,7 +243,7 @@ async def test_end_to_end_scores_each_transaction_once_and_writes_latest(
         assert record.key == tx.account_id.encode()
         assert scored.transaction == tx
         assert scored.model_version == "test-model-1"
-        assert scored.rules_version == "2026-11-25.1"
+        assert scored.rules_version == DEFAULT_RULES_VERSION
         assert set(scored.features) == set(FEATURE_NAMES)
         assert 0.0 <= scored.score <= 1.0
         assert scored.decision != scoring_pb2.DECISION_UNSPECIFIED
@@ -535,14 +537,16 @@ async def test_hot_reload_of_rules_and_model_and_broken_files_keep_the_old(
     try:
         first = await feed(0, 3)
         assert {(s.rules_version, s.model_version) for s in first} == {
-            ("2026-11-25.1", "test-model-1")
+            (DEFAULT_RULES_VERSION, "test-model-1")
         }
 
-        replace_text(rules_path, DEFAULT_RULES.read_text().replace("2026-11-25.1", "2026-11-25.2"))
+        replace_text(
+            rules_path, DEFAULT_RULES.read_text().replace(DEFAULT_RULES_VERSION, "reloaded-2")
+        )
         save_model(make_model("test-model-2", bias=-2.0), model_path)
         second = await feed(3, 3)
         assert {(s.rules_version, s.model_version) for s in second} == {
-            ("2026-11-25.2", "test-model-2")
+            ("reloaded-2", "test-model-2")
         }
 
         # Broken files: a rule calling a function, a model that is not JSON. Both rejected and
@@ -550,13 +554,13 @@ async def test_hot_reload_of_rules_and_model_and_broken_files_keep_the_old(
         replace_text(
             rules_path,
             DEFAULT_RULES.read_text()
-            .replace("2026-11-25.1", "2026-11-25.3")
+            .replace(DEFAULT_RULES_VERSION, "broken-3")
             .replace("travel_speed_kmh > 900", "__import__('os').system('true')"),
         )
         replace_text(model_path, '{"format": "fraudstream.logreg.v1", "truncated')
         third = await feed(6, 3)
         assert {(s.rules_version, s.model_version) for s in third} == {
-            ("2026-11-25.2", "test-model-2")
+            ("reloaded-2", "test-model-2")
         }
         registry = service.registry
         for artifact in ("rules", "model"):

@@ -7,6 +7,7 @@ The real stores run in tests/integration/test_scoring.py; these fakes keep their
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +38,7 @@ from shared.scoring.features import (
 from shared.scoring.model import ModelArtifact, save_model
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_RULES_VERSION = tomllib.loads((REPO / "rules" / "default.toml").read_text())["version"]
 T0 = 1_767_225_600_000
 D = len(FEATURE_NAMES)
 
@@ -202,13 +204,16 @@ async def test_a_broken_rules_file_is_counted_and_the_old_rules_stay(service: An
     rules.write_text('version = "broken"\n[[rule]]\nname = "x"\nexpression = "open(1)"\n')
     outputs = await svc.transform([record(0, make_tx(0).SerializeToString())])
     scored = scoring_pb2.ScoredTransaction.FromString(outputs[0].value)
-    assert scored.rules_version == "2026-11-25.1"
+    assert scored.rules_version == DEFAULT_RULES_VERSION
     value = registry.get_sample_value
     assert (
         value("fraudstream_scoring_reloads_total", {"artifact": "rules", "outcome": "failed"}) == 1
     )
     assert (
-        value("fraudstream_scoring_version_info", {"artifact": "rules", "version": "2026-11-25.1"})
+        value(
+            "fraudstream_scoring_version_info",
+            {"artifact": "rules", "version": DEFAULT_RULES_VERSION},
+        )
         == 1
     )
 
