@@ -16,13 +16,17 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from aiokafka.errors import KafkaError
+from redis import exceptions as redis_errors
+
 from shared.logging import get_logger
 
-__all__ = ["ServiceLifecycle", "Startable"]
+__all__ = ["STARTUP_RETRYABLE", "ServiceLifecycle", "Startable", "retry_until_ready"]
 
 log = get_logger(__name__)
 
@@ -87,3 +91,33 @@ class ServiceLifecycle:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
             log.error("service_failed", error=repr(exc))
         log.info("service_stopped")
+
+
+# A dependency that is not there yet at start (a broker still booting, Redis restarting).
+STARTUP_RETRYABLE: tuple[type[BaseException], ...] = (
+    KafkaError,
+    OSError,
+    TimeoutError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+)
+
+
+async def retry_until_ready(
+    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, deadline: float
+) -> T:
+    """Retry `attempt` with backoff until it succeeds, `stop` is set or `deadline` passes."""
+    backoff = 0.5
+    while True:
+        try:
+            return await attempt()
+        except STARTUP_RETRYABLE as e:
+            if stop.is_set() or time.monotonic() + backoff > deadline:
+                raise
+            log.warning("startup_waiting", dependency=what, error=repr(e), retry_in_s=backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            if stop.is_set():
+                raise
+            backoff = min(backoff * 2, 10.0)

@@ -14,11 +14,10 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka.errors import KafkaError, ProducerFenced
-from redis import exceptions as redis_errors
+from aiokafka.errors import ProducerFenced
 
 from services.alerting.policy import parse_policy
 from services.alerting.service import AlertingStats, AlertTransform
@@ -34,7 +33,7 @@ from shared.kafka import (
     subscribe_exactly_once,
     transactional_id,
 )
-from shared.lifecycle import ServiceLifecycle
+from shared.lifecycle import STARTUP_RETRYABLE, ServiceLifecycle, retry_until_ready
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.redis_client import make_redis
@@ -47,15 +46,6 @@ SERVICE_NAME = "alerting"
 BATCH_MAX = 500  # score records per batch: one Redis round trip pair, one Kafka transaction
 
 T = TypeVar("T")
-
-_STARTUP_RETRYABLE: tuple[type[BaseException], ...] = (
-    KafkaError,
-    OSError,
-    TimeoutError,
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,25 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _with_retry(
-    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, deadline: float
-) -> T:
-    """Retry `attempt` with backoff until it succeeds, `stop` is set or `deadline` passes."""
-    backoff = 0.5
-    while True:
-        try:
-            return await attempt()
-        except _STARTUP_RETRYABLE as e:
-            if stop.is_set() or time.monotonic() + backoff > deadline:
-                raise
-            log.warning("startup_waiting", dependency=what, error=repr(e), retry_in_s=backoff)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            if stop.is_set():
-                raise
-            backoff = min(backoff * 2, 10.0)
-
-
 async def run_alerting(
     settings: Settings,
     *,
@@ -171,11 +142,11 @@ async def run_alerting(
         redis = make_redis(settings)
         life.on_close("redis", redis.aclose)
         store = AlertStore.from_settings(redis, settings)
-        await _with_retry("redis", store.load_scripts, own_stop, deadline)
+        await retry_until_ready("redis", store.load_scripts, own_stop, deadline)
 
         topics = settings.topics
         if create_topics:
-            await _with_retry(
+            await retry_until_ready(
                 "kafka",
                 lambda: ensure_topics(settings, [topics.scores, topics.alerts]),
                 own_stop,
@@ -186,7 +157,7 @@ async def run_alerting(
         # The producer first: starting it fences a predecessor with our transactional id and
         # aborts its open transaction before we read anything.
         producer = make_transactional_producer(settings, tx_id)
-        await _with_retry("kafka", producer.start, own_stop, deadline)
+        await retry_until_ready("kafka", producer.start, own_stop, deadline)
         life.on_close("producer", producer.stop)
         consumer = make_consumer(
             settings,
@@ -194,7 +165,7 @@ async def run_alerting(
             client_id=f"{SERVICE_NAME}-{settings.instance_id}",
             max_poll_records=BATCH_MAX,
         )
-        await _with_retry("kafka", consumer.start, own_stop, deadline)
+        await retry_until_ready("kafka", consumer.start, own_stop, deadline)
         life.on_close("consumer", consumer.stop)
         batch_lock = subscribe_exactly_once(consumer, [topics.scores])
 
@@ -301,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Another instance took over our transactional id: it owns the work now.
         log.error("alerting_fenced_exiting")
         return 1
-    except _STARTUP_RETRYABLE as e:
+    except STARTUP_RETRYABLE as e:
         log.error("alerting_dependency_unavailable", error=repr(e))
         return 1
     return 0

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis import exceptions as redis_errors
 
 from services.ingest.dedup import Deduplicator
 from services.ingest.service import SERVICE_NAME, SERVICE_VERSION, IngestMetrics, IngestService
@@ -32,7 +30,7 @@ from shared.kafka import (
     subscribe_exactly_once,
     transactional_id,
 )
-from shared.lifecycle import ServiceLifecycle
+from shared.lifecycle import STARTUP_RETRYABLE, ServiceLifecycle, retry_until_ready
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.redis_client import make_redis
@@ -43,16 +41,6 @@ __all__ = ["build_parser", "main", "run_ingest"]
 log = get_logger(__name__)
 
 T = TypeVar("T")
-
-# A dependency that is not there yet at start (a broker still booting, Redis restarting).
-_STARTUP_RETRYABLE: tuple[type[BaseException], ...] = (
-    KafkaError,
-    OSError,
-    TimeoutError,
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,25 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _with_retry(
-    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, deadline: float
-) -> T:
-    """Retry `attempt` with backoff until it succeeds, `stop` is set or `deadline` passes."""
-    backoff = 0.5
-    while True:
-        try:
-            return await attempt()
-        except _STARTUP_RETRYABLE as e:
-            if stop.is_set() or time.monotonic() + backoff > deadline:
-                raise
-            log.warning("startup_waiting", dependency=what, error=repr(e), retry_in_s=backoff)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            if stop.is_set():
-                raise
-            backoff = min(backoff * 2, 10.0)
-
-
 async def run_ingest(
     settings: Settings,
     *,
@@ -139,11 +108,11 @@ async def run_ingest(
         dedup = Deduplicator(
             redis, prefix=settings.redis_key_prefix, window_s=settings.ingest.dedup_window_s
         )
-        await _with_retry("redis", dedup.check_server, stop, deadline)
+        await retry_until_ready("redis", dedup.check_server, stop, deadline)
 
         topics = settings.topics
         if create_topics:
-            await _with_retry(
+            await retry_until_ready(
                 "kafka",
                 lambda: ensure_topics(settings, [topics.raw, topics.valid, topics.dlq]),
                 stop,
@@ -155,7 +124,7 @@ async def run_ingest(
         # The producer first: starting it fences a predecessor with our transactional id and
         # aborts its open transaction before we read anything.
         producer = make_transactional_producer(settings, tx_id)
-        await _with_retry("kafka", producer.start, stop, deadline)
+        await retry_until_ready("kafka", producer.start, stop, deadline)
         life.on_close("producer", producer.stop)
         consumer = make_consumer(
             settings,
@@ -163,7 +132,7 @@ async def run_ingest(
             client_id=f"{SERVICE_NAME}-{settings.instance_id}",
             max_poll_records=settings.ingest.batch_max,
         )
-        await _with_retry("kafka", consumer.start, stop, deadline)
+        await retry_until_ready("kafka", consumer.start, stop, deadline)
         life.on_close("consumer", consumer.stop)
         batch_lock = subscribe_exactly_once(consumer, [topics.raw])
 
@@ -245,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         log.error("ingest_config_error", error=str(e))
         return 2
-    except _STARTUP_RETRYABLE as e:
+    except STARTUP_RETRYABLE as e:
         log.error("ingest_dependency_unavailable", error=repr(e))
         return 1
     return 0

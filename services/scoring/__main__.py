@@ -18,13 +18,12 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis import exceptions as redis_errors
 
 from services.scoring.labels import LabelMetrics, LabelProcessor, LabelStats, run_label_loop
 from services.scoring.service import (
@@ -45,7 +44,7 @@ from shared.kafka import (
     subscribe_exactly_once,
     transactional_id,
 )
-from shared.lifecycle import ServiceLifecycle
+from shared.lifecycle import STARTUP_RETRYABLE, ServiceLifecycle, retry_until_ready
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.redis_client import make_redis
@@ -64,15 +63,6 @@ T = TypeVar("T")
 # "batch": one Lua call per batch for velocity and one for assessments (single Redis); "slot":
 # one call per hash slot, which Redis Cluster requires. See shared/scoring/velocity.py.
 REDIS_CALL_MODE: Final = "batch"
-
-_STARTUP_RETRYABLE: tuple[type[BaseException], ...] = (
-    KafkaError,
-    OSError,
-    TimeoutError,
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-)
 
 
 @dataclass(frozen=True)
@@ -137,25 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _with_retry(
-    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, deadline: float
-) -> T:
-    """Retry `attempt` with backoff until it succeeds, `stop` is set or `deadline` passes."""
-    backoff = 0.5
-    while True:
-        try:
-            return await attempt()
-        except _STARTUP_RETRYABLE as e:
-            if stop.is_set() or time.monotonic() + backoff > deadline:
-                raise
-            log.warning("startup_waiting", dependency=what, error=repr(e), retry_in_s=backoff)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            if stop.is_set():
-                raise
-            backoff = min(backoff * 2, 10.0)
-
-
 async def run_scoring(
     settings: Settings,
     *,
@@ -189,12 +160,12 @@ async def run_scoring(
         life.on_close("redis", redis.aclose)
         velocity = VelocityStore.from_settings(redis, settings, call_mode=REDIS_CALL_MODE)
         assessments = AssessmentStore.from_settings(redis, settings, call_mode=REDIS_CALL_MODE)
-        await _with_retry("redis", velocity.load_scripts, own_stop, deadline)
-        await _with_retry("redis", assessments.load_scripts, own_stop, deadline)
+        await retry_until_ready("redis", velocity.load_scripts, own_stop, deadline)
+        await retry_until_ready("redis", assessments.load_scripts, own_stop, deadline)
 
         topics = settings.topics
         if create_topics:
-            await _with_retry(
+            await retry_until_ready(
                 "kafka",
                 lambda: ensure_topics(
                     settings, [topics.valid, topics.dlq, topics.scores, topics.labels]
@@ -208,7 +179,7 @@ async def run_scoring(
         # The producer first: starting it fences a predecessor with our transactional id and
         # aborts its open transaction before we read anything.
         producer = make_transactional_producer(settings, tx_id)
-        await _with_retry("kafka", producer.start, own_stop, deadline)
+        await retry_until_ready("kafka", producer.start, own_stop, deadline)
         life.on_close("producer", producer.stop)
         consumer = make_consumer(
             settings,
@@ -216,7 +187,7 @@ async def run_scoring(
             client_id=f"{SERVICE_NAME}-{settings.instance_id}",
             max_poll_records=scoring.batch_max,
         )
-        await _with_retry("kafka", consumer.start, own_stop, deadline)
+        await retry_until_ready("kafka", consumer.start, own_stop, deadline)
         life.on_close("consumer", consumer.stop)
         batch_lock = subscribe_exactly_once(consumer, [topics.valid])
 
@@ -229,7 +200,7 @@ async def run_scoring(
                 group_id=f"{group_id}-labels",
                 client_id=f"{SERVICE_NAME}-labels-{settings.instance_id}",
             )
-            await _with_retry("kafka", label_consumer.start, own_stop, deadline)
+            await retry_until_ready("kafka", label_consumer.start, own_stop, deadline)
             life.on_close("label-consumer", label_consumer.stop)
             label_task = asyncio.create_task(
                 run_label_loop(
@@ -366,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Another instance took over our transactional id: it owns the work now.
         log.error("scoring_fenced_exiting")
         return 1
-    except _STARTUP_RETRYABLE as e:
+    except STARTUP_RETRYABLE as e:
         log.error("scoring_dependency_unavailable", error=repr(e))
         return 1
     return 0
