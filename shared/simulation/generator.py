@@ -208,6 +208,7 @@ class SimLabel:
     is_fraud: bool
     source: str
     reported_at: datetime
+    event_time: datetime | None = None  # the labeled transaction's event time
 
 
 @dataclass(frozen=True)
@@ -721,6 +722,7 @@ def label_for(tx: SimTransaction, delay: timedelta = DEFAULT_LABEL_DELAY) -> Sim
         is_fraud=tx.is_fraud,
         source=LABEL_SOURCE,
         reported_at=tx.event_time + delay,
+        event_time=tx.event_time,
     )
 
 

@@ -170,6 +170,8 @@ def label_to_proto(label: SimLabel, id_prefix: str = "") -> transaction_pb2.Labe
         source=label.source,
     )
     message.reported_at.FromDatetime(label.reported_at)
+    if label.event_time is not None:
+        message.event_time.FromDatetime(label.event_time)
     return message
 
 

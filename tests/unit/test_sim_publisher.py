@@ -226,6 +226,8 @@ def test_label_conversion() -> None:
     assert message.is_fraud is True
     assert message.source == LABEL_SOURCE
     assert message.reported_at.ToDatetime(tzinfo=UTC) == tx.event_time + timedelta(days=7)
+    # The transaction's own day, so terminal risk books the fraud where it happened.
+    assert message.event_time.ToDatetime(tzinfo=UTC) == tx.event_time
     record = encode_label(label, TOPICS.labels, id_prefix="r9")
     assert record.topic == TOPICS.labels
     assert record.key == b"r9-acct-00007"

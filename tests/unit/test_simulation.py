@@ -284,6 +284,7 @@ def test_labels_follow_their_transactions_after_the_delay(
         is_fraud=tx.is_fraud,
         source=LABEL_SOURCE,
         reported_at=tx.event_time + timedelta(days=7),
+        event_time=tx.event_time,
     )
     released = list(labels(small_stream[:50], timedelta(hours=1)))
     assert [t for t, _ in released] == [

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/fraud/v1/transaction.proto\x12\x08\x66raud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x05Money\x12\r\n\x05units\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"\xf4\x03\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x04 \x01(\t\x12\x19\n\x11merchant_category\x18\x05 \x01(\t\x12\x13\n\x0bterminal_id\x18\x06 \x01(\t\x12\x1f\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x0f.fraud.v1.Money\x12.\n\nevent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ountry\x18\t \x01(\t\x12\x15\n\x08latitude\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tlongitude\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\"\n\x07\x63hannel\x18\x0c \x01(\x0e\x32\x11.fraud.v1.Channel\x12\x11\n\tdevice_id\x18\r \x01(\t\x12\x12\n\nip_address\x18\x0e \x01(\t\x12\x39\n\nattributes\x18\x0f \x03(\x0b\x32%.fraud.v1.Transaction.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_latitudeB\x0c\n\n_longitude\"\x9b\x01\n\x05Label\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x10\n\x08is_fraud\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12/\n\x0breported_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xac\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANNEL_CARD_PRESENT\x10\x01\x12\x1c\n\x18\x43HANNEL_CARD_NOT_PRESENT\x10\x02\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x03\x12\x0f\n\x0b\x43HANNEL_ATM\x10\x04\x12\x12\n\x0e\x43HANNEL_MOBILE\x10\x05\x12\x14\n\x10\x43HANNEL_TRANSFER\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/fraud/v1/transaction.proto\x12\x08\x66raud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x05Money\x12\r\n\x05units\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"\xf4\x03\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x04 \x01(\t\x12\x19\n\x11merchant_category\x18\x05 \x01(\t\x12\x13\n\x0bterminal_id\x18\x06 \x01(\t\x12\x1f\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x0f.fraud.v1.Money\x12.\n\nevent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ountry\x18\t \x01(\t\x12\x15\n\x08latitude\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tlongitude\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\"\n\x07\x63hannel\x18\x0c \x01(\x0e\x32\x11.fraud.v1.Channel\x12\x11\n\tdevice_id\x18\r \x01(\t\x12\x12\n\nip_address\x18\x0e \x01(\t\x12\x39\n\nattributes\x18\x0f \x03(\x0b\x32%.fraud.v1.Transaction.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_latitudeB\x0c\n\n_longitude\"\xcb\x01\n\x05Label\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x10\n\x08is_fraud\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12/\n\x0breported_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xac\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANNEL_CARD_PRESENT\x10\x01\x12\x1c\n\x18\x43HANNEL_CARD_NOT_PRESENT\x10\x02\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x03\x12\x0f\n\x0b\x43HANNEL_ATM\x10\x04\x12\x12\n\x0e\x43HANNEL_MOBILE\x10\x05\x12\x14\n\x10\x43HANNEL_TRANSFER\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSACTION_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_TRANSACTION_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNEL']._serialized_start=784
-  _globals['_CHANNEL']._serialized_end=956
+  _globals['_CHANNEL']._serialized_start=832
+  _globals['_CHANNEL']._serialized_end=1004
   _globals['_MONEY']._serialized_start=80
   _globals['_MONEY']._serialized_end=120
   _globals['_TRANSACTION']._serialized_start=123
@@ -43,5 +43,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSACTION_ATTRIBUTESENTRY']._serialized_start=547
   _globals['_TRANSACTION_ATTRIBUTESENTRY']._serialized_end=596
   _globals['_LABEL']._serialized_start=626
-  _globals['_LABEL']._serialized_end=781
+  _globals['_LABEL']._serialized_end=829
 # @@protoc_insertion_point(module_scope)

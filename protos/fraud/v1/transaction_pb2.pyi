@@ -77,17 +77,19 @@ class Transaction(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., account_id: _Optional[str] = ..., card_id: _Optional[str] = ..., merchant_id: _Optional[str] = ..., merchant_category: _Optional[str] = ..., terminal_id: _Optional[str] = ..., amount: _Optional[_Union[Money, _Mapping]] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., country: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., channel: _Optional[_Union[Channel, str]] = ..., device_id: _Optional[str] = ..., ip_address: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Label(_message.Message):
-    __slots__ = ("transaction_id", "account_id", "terminal_id", "is_fraud", "source", "reported_at")
+    __slots__ = ("transaction_id", "account_id", "terminal_id", "is_fraud", "source", "reported_at", "event_time")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_ID_FIELD_NUMBER: _ClassVar[int]
     IS_FRAUD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     account_id: str
     terminal_id: str
     is_fraud: bool
     source: str
     reported_at: _timestamp_pb2.Timestamp
-    def __init__(self, transaction_id: _Optional[str] = ..., account_id: _Optional[str] = ..., terminal_id: _Optional[str] = ..., is_fraud: _Optional[bool] = ..., source: _Optional[str] = ..., reported_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    event_time: _timestamp_pb2.Timestamp
+    def __init__(self, transaction_id: _Optional[str] = ..., account_id: _Optional[str] = ..., terminal_id: _Optional[str] = ..., is_fraud: _Optional[bool] = ..., source: _Optional[str] = ..., reported_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
