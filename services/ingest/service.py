@@ -27,7 +27,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
@@ -37,6 +36,19 @@ from protos.fraud.v1 import transaction_pb2
 from services.ingest.dedup import Claim, Deduplicator
 from shared.codecs import decode_transaction
 from shared.config import TopicSettings
+from shared.dlq import (
+    DLQ_HEADER_CODE,
+    DLQ_HEADER_FIELD,
+    DLQ_HEADER_MESSAGE,
+    DLQ_HEADER_PREFIX,
+    DLQ_HEADER_REDACTED,
+    DLQ_HEADER_SERVICE,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_TOPIC,
+    DLQ_HEADER_VERSION,
+    SERVICE_VERSION,
+)
 from shared.errors import InputError
 from shared.kafka import ConsumerRecord, OutputRecord
 from shared.logging import get_logger
@@ -72,26 +84,6 @@ log = get_logger(__name__)
 
 SERVICE_NAME = "ingest"
 
-
-def _service_version() -> str:
-    try:
-        return metadata.version("fraudstream")
-    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
-        return "0+unknown"
-
-
-SERVICE_VERSION = _service_version()
-
-DLQ_HEADER_PREFIX = "fraudstream."
-DLQ_HEADER_CODE = "fraudstream.error.code"
-DLQ_HEADER_MESSAGE = "fraudstream.error.message"
-DLQ_HEADER_FIELD = "fraudstream.error.field"
-DLQ_HEADER_SOURCE_TOPIC = "fraudstream.source.topic"
-DLQ_HEADER_SOURCE_PARTITION = "fraudstream.source.partition"
-DLQ_HEADER_SOURCE_OFFSET = "fraudstream.source.offset"
-DLQ_HEADER_SERVICE = "fraudstream.service"
-DLQ_HEADER_VERSION = "fraudstream.service.version"
-DLQ_HEADER_REDACTED = "fraudstream.redacted"
 
 # Code of a record we failed on through a bug of ours rather than a fault of the producer.
 INTERNAL_ERROR = "INTERNAL_ERROR"

@@ -30,7 +30,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -40,6 +39,18 @@ from redis.exceptions import ResponseError
 
 from protos.fraud.v1 import transaction_pb2
 from shared.config import TopicSettings
+from shared.dlq import (
+    DLQ_HEADER_CODE,
+    DLQ_HEADER_FIELD,
+    DLQ_HEADER_MESSAGE,
+    DLQ_HEADER_PREFIX,
+    DLQ_HEADER_SERVICE,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_TOPIC,
+    DLQ_HEADER_VERSION,
+    SERVICE_VERSION,
+)
 from shared.kafka import ConsumerRecord, OutputRecord
 from shared.logging import get_logger
 from shared.scoring.assessments import AssessmentEntry, AssessmentStore
@@ -65,26 +76,6 @@ log = get_logger(__name__)
 
 SERVICE_NAME = "scoring"
 
-
-def _service_version() -> str:
-    try:
-        return metadata.version("fraudstream")
-    except metadata.PackageNotFoundError:  # a source tree that was not installed
-        return "0+unknown"
-
-
-SERVICE_VERSION = _service_version()
-
-# The same header names as ingest's dead letters, so one DLQ reader understands both.
-DLQ_HEADER_PREFIX = "fraudstream."
-DLQ_HEADER_CODE = "fraudstream.error.code"
-DLQ_HEADER_MESSAGE = "fraudstream.error.message"
-DLQ_HEADER_FIELD = "fraudstream.error.field"
-DLQ_HEADER_SOURCE_TOPIC = "fraudstream.source.topic"
-DLQ_HEADER_SOURCE_PARTITION = "fraudstream.source.partition"
-DLQ_HEADER_SOURCE_OFFSET = "fraudstream.source.offset"
-DLQ_HEADER_SERVICE = "fraudstream.service"
-DLQ_HEADER_VERSION = "fraudstream.service.version"
 
 _STATUS_NAMES = {APPLIED: "applied", DUPLICATE: "duplicate", LATE: "late"}
 # Code of a record we failed on through a bug of ours rather than a fault of the producer.
