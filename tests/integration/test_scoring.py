@@ -30,12 +30,10 @@ from prometheus_client import CollectorRegistry
 from protos.fraud.v1 import scoring_pb2, transaction_pb2
 from services.scoring.__main__ import ScoringRun, run_scoring
 from services.scoring.service import (
-    DLQ_HEADER_CODE,
-    DLQ_HEADER_SOURCE_OFFSET,
-    DLQ_HEADER_SOURCE_PARTITION,
     ScoringService,
 )
 from shared.config import Settings, load_settings
+from shared.dlq import DLQ_HEADER_CODE, DLQ_HEADER_SOURCE_OFFSET, DLQ_HEADER_SOURCE_PARTITION
 from shared.kafka import make_admin, make_consumer, make_transactional_producer
 from shared.kafka import transactional_id as make_transactional_id
 from shared.redis_client import make_redis

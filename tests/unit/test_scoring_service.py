@@ -20,12 +20,11 @@ from redis.exceptions import ResponseError
 from protos.fraud.v1 import scoring_pb2, transaction_pb2
 from services.scoring.labels import LabelMetrics, LabelProcessor, cell_of
 from services.scoring.service import (
-    DLQ_HEADER_CODE,
-    DLQ_HEADER_SOURCE_OFFSET,
     ScoringMetrics,
     ScoringService,
 )
 from shared.config import TopicSettings
+from shared.dlq import DLQ_HEADER_CODE, DLQ_HEADER_SOURCE_OFFSET
 from shared.scoring.assessments import AssessmentEntry, LabelMatch, LabelStatus
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.features import (
