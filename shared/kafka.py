@@ -142,13 +142,18 @@ def transactional_id(group_id: str, instance_id: str) -> str:
 def make_transactional_producer(
     settings: Settings, transactional_id: str, **overrides: Any
 ) -> AIOKafkaProducer:
-    return make_producer(
-        settings,
-        client_id=transactional_id,
-        transactional_id=transactional_id,
-        transaction_timeout_ms=60_000,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "client_id": transactional_id,
+        "transactional_id": transactional_id,
+        "transaction_timeout_ms": 60_000,
+        # Kafka 3.6+ verifies that a partition joined the transaction (KIP-890). While the
+        # previous transaction's markers are still being written, the broker answers clients as
+        # old as aiokafka with the retriable NOT_ENOUGH_REPLICAS; the default 100 ms backoff
+        # then stalls every batch that starts right after a commit. Retry soon instead.
+        "retry_backoff_ms": 10,
+    }
+    kwargs.update(overrides)
+    return make_producer(settings, **kwargs)
 
 
 async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None) -> list[str]:
