@@ -355,11 +355,13 @@ def test_log_loss_hand_computed() -> None:
 
 
 def test_metrics_refuse_undefined_cases() -> None:
-    with pytest.raises(ValueError, match="both positive and negative"):
+    with pytest.raises(ValueError, match="needs both frauds and genuine"):
         roc_auc([1, 1], [0.1, 0.2])
-    with pytest.raises(ValueError, match="at least one positive"):
+    with pytest.raises(ValueError, match="at least one fraud"):
         average_precision([0, 0], [0.1, 0.2])
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    with pytest.raises(ValueError, match="only 0/1"):
         roc_auc([0, 2], [0.1, 0.2])
-    with pytest.raises(ValueError, match="2 values but scores has 3"):
+    with pytest.raises(ValueError, match=r"shape \(3,\) but y_true has \(2,\)"):
         roc_auc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        log_loss([0, 2], [0.1, 0.2])

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import RulesFileError
+from shared.scoring.features import FEATURE_NAMES
 from shared.scoring.reloading import ReloadStatus
 from shared.scoring.rules import (
     ReloadingRules,
@@ -25,37 +26,8 @@ from shared.scoring.rules import (
     parse_rules,
 )
 
-FEATURES = (
-    "amount",
-    "amount_log",
-    "is_weekend",
-    "is_night",
-    "count_1m",
-    "count_1h",
-    "count_24h",
-    "count_7d",
-    "count_30d",
-    "sum_1m",
-    "sum_1h",
-    "sum_24h",
-    "sum_7d",
-    "sum_30d",
-    "avg_amount_7d",
-    "avg_amount_30d",
-    "amount_ratio_30d",
-    "distinct_merchants_24h",
-    "distinct_countries_24h",
-    "distinct_devices_24h",
-    "seconds_since_last",
-    "travel_speed_kmh",
-    "first_time_merchant",
-    "terminal_count_1d",
-    "terminal_count_7d",
-    "terminal_count_30d",
-    "terminal_risk_1d",
-    "terminal_risk_7d",
-    "terminal_risk_30d",
-)
+# The service's own feature names: the default rules file must parse against exactly these.
+FEATURES = FEATURE_NAMES
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules" / "default.toml"
 
 
