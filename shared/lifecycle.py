@@ -12,6 +12,7 @@ stopping exits at once (an operator who presses Ctrl-C twice means it).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -26,7 +27,13 @@ from redis import exceptions as redis_errors
 
 from shared.logging import get_logger
 
-__all__ = ["STARTUP_RETRYABLE", "ServiceLifecycle", "Startable", "retry_until_ready"]
+__all__ = [
+    "STARTUP_RETRYABLE",
+    "ServiceLifecycle",
+    "Startable",
+    "add_run_options",
+    "retry_until_ready",
+]
 
 log = get_logger(__name__)
 
@@ -121,3 +128,32 @@ async def retry_until_ready(
             if stop.is_set():
                 raise
             backoff = min(backoff * 2, 10.0)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every consumer service takes: stop conditions (tests and benchmarks run the
+    real loop to an end) and start-up behaviour."""
+    parser.add_argument(
+        "--max-batches", type=int, metavar="N", help="stop after N committed batches"
+    )
+    parser.add_argument(
+        "--max-records", type=int, metavar="N", help="stop once N records have been committed"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="stop after S seconds (the batch in hand is still finished)",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="give up when Kafka or Redis is still unreachable after S seconds (default 300)",
+    )
+    parser.add_argument(
+        "--no-create-topics",
+        action="store_true",
+        help="do not create missing topics at start (when topics are provisioned elsewhere)",
+    )

@@ -44,7 +44,12 @@ from shared.kafka import (
     subscribe_exactly_once,
     transactional_id,
 )
-from shared.lifecycle import STARTUP_RETRYABLE, ServiceLifecycle, retry_until_ready
+from shared.lifecycle import (
+    STARTUP_RETRYABLE,
+    ServiceLifecycle,
+    add_run_options,
+    retry_until_ready,
+)
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.redis_client import make_redis
@@ -97,30 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the configuration, rules and model, print their versions, and exit",
     )
-    parser.add_argument(
-        "--max-batches", type=int, metavar="N", help="stop after N committed batches"
-    )
-    parser.add_argument(
-        "--max-records", type=int, metavar="N", help="stop once N records have been committed"
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        metavar="S",
-        help="stop after S seconds (the batch in hand is still finished)",
-    )
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="give up when Kafka or Redis is still unreachable after S seconds (default 300)",
-    )
-    parser.add_argument(
-        "--no-create-topics",
-        action="store_true",
-        help="do not create missing topics at start (when topics are provisioned elsewhere)",
-    )
+    add_run_options(parser)
     parser.add_argument(
         "--no-labels", action="store_true", help="do not consume risk.labels in this process"
     )
