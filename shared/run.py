@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from protos.fraud.v1 import scoring_pb2
 from shared.config import Settings, load_settings
@@ -130,16 +131,16 @@ class TopicWatcher:
             "alerting": settings.alerting.group_id,
         }
         self._consumer: AIOKafkaConsumer | None = None
+        # One admin client for the whole run: the view asks for group offsets every second.
+        self._admin: AIOKafkaAdminClient | None = None
         self._partitions: dict[str, list[TopicPartition]] = {}
 
     async def start(self) -> None:
         # Partition ids from the admin API: a fresh consumer's metadata may not know new topics.
         admin = make_admin(self.settings, client_id="fraudstream-live-view-admin")
         await admin.start()
-        try:
-            descriptions = await admin.describe_topics(list(self.stage_topics.values()))
-        finally:
-            await admin.close()
+        self._admin = admin
+        descriptions = await admin.describe_topics(list(self.stage_topics.values()))
         partitions_of = {
             d["topic"]: sorted(p["partition"] for p in d.get("partitions", []))
             for d in descriptions
@@ -160,6 +161,8 @@ class TopicWatcher:
         return max((len(parts) for parts in self._partitions.values()), default=0)
 
     async def stop(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
         if self._consumer is not None:
             await self._consumer.stop()
 
@@ -210,19 +213,15 @@ class TopicWatcher:
             stage: sum(ends.get(tp, 0) for tp in parts) for stage, parts in self._partitions.items()
         }
         self.stats.update_offsets(offsets, time.monotonic())
-        admin = make_admin(self.settings, client_id="fraudstream-live-view-admin")
-        await admin.start()
-        try:
-            for name, group in self.groups.items():
-                committed = await admin.list_consumer_group_offsets(group)
-                source = {"ingest": "raw", "scoring": "valid", "alerting": "scores"}[name]
-                lag = 0
-                for tp in self._partitions[source]:
-                    meta = committed.get(tp)
-                    lag += ends.get(tp, 0) - (meta.offset if meta and meta.offset >= 0 else 0)
-                self.stats.lags[name] = max(lag, 0)
-        finally:
-            await admin.close()
+        assert self._admin is not None
+        for name, group in self.groups.items():
+            committed = await self._admin.list_consumer_group_offsets(group)
+            source = {"ingest": "raw", "scoring": "valid", "alerting": "scores"}[name]
+            lag = 0
+            for tp in self._partitions[source]:
+                meta = committed.get(tp)
+                lag += ends.get(tp, 0) - (meta.offset if meta and meta.offset >= 0 else 0)
+            self.stats.lags[name] = max(lag, 0)
 
 
 def _summary(stats: LiveStats, elapsed: float) -> str:
