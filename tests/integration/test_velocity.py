@@ -6,6 +6,7 @@ own under the test's `settings.redis_key_prefix`, removed at the end.
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime
@@ -471,3 +472,97 @@ async def test_batches_and_results_keep_the_input_order(store: VelocityStore) ->
     assert np.array_equal(results.raw[0::2, 19], np.full(30, -1.0))  # no terminal
     assert [r.terminal_count_30d for r in results[1::2]] == [0] * 30  # delayed: nothing yet
     assert len(await store.apply_batch([])) == 0
+
+
+def long_history(seed: int) -> list[Event]:
+    """Weeks of traffic, longer than the generated sequences: sparse accounts (a few payments a
+    day: windows holding one member, buckets leaving the 7 and 30 d windows), dense ones (bursts
+    within a minute and an hour: nested windows holding as many), sparse and busy terminals with
+    fraud labels, some events late or replayed."""
+    rnd = random.Random(seed)
+    events: list[Event] = []
+    txs: list[TxRecord] = []
+    for account, per_day, burst in (("s1", 1, 1), ("s2", 3, 1), ("b1", 4, 6), ("b2", 2, 25)):
+        t = T0
+        for day in range(45):
+            for k in range(rnd.randint(0, per_day)):
+                t = max(t, T0 + day * DAY_MS + rnd.randint(0, DAY_MS - 1))
+                for b in range(rnd.randint(1, burst)):
+                    t += rnd.choice([0, 1, 999, 30_000, MINUTE_MS, 20 * MINUTE_MS])
+                    late = rnd.choice([0] * 12 + [HOUR_MS, DAY_MS, 3 * DAY_MS])
+                    record = TxRecord(
+                        f"{account}-{day}-{k}-{b}",
+                        account,
+                        t - late,
+                        rnd.randint(1, 90_000),
+                        merchant_id=f"m{rnd.randrange(6)}",
+                        country=rnd.choice(["FR", "FR", "DE"]),
+                        device_id=rnd.choice(["d1", "d1", "d2"]),
+                        terminal_id=rnd.choice(["T1", "T2", "T3", ""]),
+                        latitude=45.5 if rnd.random() < 0.7 else None,
+                        longitude=4.25,
+                    )
+                    txs.append(record)
+                    events.append(record)
+                    if rnd.random() < 0.05:
+                        events.append(rnd.choice(txs))
+                    if rnd.random() < 0.1:
+                        target = rnd.choice(txs)
+                        fraud = rnd.random() < 0.8
+                        events.append(
+                            LabelRecord(
+                                target.transaction_id, target.terminal_id, fraud, target.event_ms
+                            )
+                        )
+    # the accounts interleave by (roughly) event time, as a stream would
+    order = sorted(range(len(events)), key=lambda i: (events[i].event_ms // HOUR_MS, i))
+    return [events[i] for i in order]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_long_histories_match_the_reference(
+    redis: aioredis.Redis, namespace: str, seed: int
+) -> None:
+    """The reads the scripts skip (a window that nothing can leave, a prune with nothing to
+    prune) change no result over weeks of sparse and dense traffic."""
+    events = long_history(seed)
+    store = VelocityStore(redis, namespace)
+    model = ReferenceVelocity()
+    try:
+        cuts = [i % 37 == 0 for i in range(len(events))]
+        for chunk in chunks(events, cuts):
+            if isinstance(chunk[0], LabelRecord):
+                labels = [e for e in chunk if isinstance(e, LabelRecord)]
+                assert await store.apply_labels(labels) == [model.apply_label(x) for x in labels]
+                continue
+            txs = [e for e in chunk if isinstance(e, TxRecord)]
+            assert list(await store.apply_batch(txs)) == [model.apply(x) for x in txs]
+    finally:
+        await store.clear()
+
+
+async def test_fields_are_sent_verbatim(redis: aioredis.Redis, namespace: str) -> None:
+    """Every field is an argument of its own: ids and names may hold any character (the unit
+    separator too, which once split a single payload), and a replay still finds its original."""
+    store = VelocityStore(redis, namespace)
+    model = ReferenceVelocity()
+    odd = TxRecord(
+        "id\x1fwith\x1fseparators",
+        "acct\x1f1",
+        T0,
+        1234,
+        merchant_id="m\x1f",
+        country="",
+        device_id="dev ice",
+        terminal_id="T\x1fx",
+    )
+    plain = TxRecord("plain", "acct\x1f1", T0 + 1000, 10, merchant_id="m", terminal_id="T\x1fx")
+    try:
+        for batch in ([odd], [plain], [odd, plain]):
+            assert list(await store.apply_batch(batch)) == [model.apply(x) for x in batch]
+        (again,) = await store.apply_batch([odd])
+        assert again.status == DUPLICATE
+        label = LabelRecord(odd.transaction_id, odd.terminal_id, True, odd.event_ms)
+        assert await store.apply_labels([label]) == [model.apply_label(label)] == [True]
+    finally:
+        await store.clear()
