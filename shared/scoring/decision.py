@@ -28,23 +28,30 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from shared.errors import ConfigError
+from shared.scoring.features import FloatArray
 from shared.scoring.model import ModelArtifact, contributions, sigmoid
 from shared.scoring.rules import RuleAction, RuleMode, RuleSet
 
 __all__ = [
+    "MODEL_TEXT_INFIX",
+    "MODEL_TEXT_SUFFIX",
     "Assessment",
+    "BatchAssessment",
     "Decision",
     "Reason",
     "ReasonSource",
     "Thresholds",
     "ThresholdsError",
     "assess_batch",
+    "assess_columns",
+    "model_reason_code",
+    "model_reason_text",
 ]
 
 RULE_CONTRIBUTION = 1.0
@@ -102,17 +109,218 @@ class Reason:
     source: ReasonSource
 
 
-@dataclass(frozen=True)
-class Assessment:
-    score: float  # in [0, 1]
-    decision: Decision
-    reasons: tuple[Reason, ...]  # ranked
-    features: dict[str, float]  # the values the score used, by feature name
-    model_version: str
-    rules_version: str
+# A model reason's text is MODEL_TEXT_INFIX between the feature's name and its value formatted
+# with "%.6g", then MODEL_TEXT_SUFFIX. Spelled out as parts because the hot-path encoder
+# (shared.scoring.engine.ScoredEncoder) splices the same parts into bytes without a Reason.
+MODEL_TEXT_INFIX = " = "
+MODEL_TEXT_SUFFIX = " raised the risk"
+
+
+def model_reason_code(name: str) -> str:
+    return f"MODEL_{name.upper()}"
+
+
+def model_reason_text(name: str, value: float) -> str:
+    return f"{name}{MODEL_TEXT_INFIX}{value:.6g}{MODEL_TEXT_SUFFIX}"
 
 
 _LEVELS = (Decision.APPROVE, Decision.REVIEW, Decision.DECLINE)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchAssessment:
+    """What `assess_batch` decided for a batch, as columns (plain lists, one entry per row).
+
+    The scoring hot path reads these directly: the encoder writes scores, decisions and
+    reasons into protobuf bytes without a `Reason` object per model reason, and the
+    `Assessment`s handed out are views of a row that build their reasons and features only
+    when asked (`reasons_of`, `features_of`).
+
+    Model reasons are flattened row after row: row r's are entries
+    `model_start[r]:model_start[r + 1]` of `model_feature` (an index into `feature_names`),
+    `model_contribution` and `model_value` (the raw feature value), largest contribution first.
+    """
+
+    feature_names: tuple[str, ...]
+    features: FloatArray  # (n, len(feature_names)), the values the score used
+    scores: list[float]
+    levels: list[int]  # index into (APPROVE, REVIEW, DECLINE)
+    rule_reasons: tuple[Reason, ...]  # active rules in file order, then shadow ones
+    rule_hits: dict[int, list[int]]  # row -> indices into rule_reasons, ranked; no hit: absent
+    system_reasons: dict[int, Reason]  # row -> FEATURES_NOT_FINITE
+    model_start: list[int]  # n + 1 offsets
+    model_feature: list[int]
+    model_contribution: list[float]
+    model_value: list[float]
+    model_version: str
+    rules_version: str
+    _reasons: dict[int, tuple[Reason, ...]] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        levels = _LEVELS
+        return [levels[level] for level in self.levels]
+
+    def reasons_of(self, row: int) -> tuple[Reason, ...]:
+        """Row `row`'s ranked reasons (built once, then the same tuple)."""
+        reasons = self._reasons.get(row)
+        if reasons is None:
+            rule_reasons = self.rule_reasons
+            out = [rule_reasons[i] for i in self.rule_hits.get(row, ())]
+            system = self.system_reasons.get(row)
+            if system is not None:
+                out.append(system)
+            names = self.feature_names
+            for p in range(self.model_start[row], self.model_start[row + 1]):
+                name = names[self.model_feature[p]]
+                out.append(
+                    Reason(
+                        model_reason_code(name),
+                        model_reason_text(name, self.model_value[p]),
+                        self.model_contribution[p],
+                        ReasonSource.MODEL,
+                    )
+                )
+            reasons = self._reasons[row] = tuple(out)
+        return reasons
+
+    def features_of(self, row: int) -> dict[str, float]:
+        """Row `row`'s feature values by name (a new dict each call)."""
+        return dict(zip(self.feature_names, self.features[row].tolist(), strict=True))
+
+    def assessments(self) -> list[Assessment]:
+        """One `Assessment` per row, each a view of this batch."""
+        view = Assessment._row_view
+        levels = _LEVELS
+        return [
+            view(self, row, score, levels[level])
+            for row, (score, level) in enumerate(zip(self.scores, self.levels, strict=True))
+        ]
+
+
+class _Given:
+    """The reasons and features of an `Assessment` built directly (not by `assess_batch`)."""
+
+    __slots__ = ("features", "model_version", "reasons", "rules_version")
+
+    def __init__(
+        self,
+        reasons: tuple[Reason, ...],
+        features: dict[str, float],
+        model_version: str,
+        rules_version: str,
+    ) -> None:
+        self.reasons = reasons
+        self.features = features
+        self.model_version = model_version
+        self.rules_version = rules_version
+
+    def reasons_of(self, row: int) -> tuple[Reason, ...]:
+        return self.reasons
+
+    def features_of(self, row: int) -> dict[str, float]:
+        return self.features
+
+
+class Assessment:
+    """One transaction's score, decision and ranked reasons, with the feature values the score
+    used. Immutable, compared by value like the frozen dataclass it once was.
+
+    `score` and `decision` are plain attributes. `reasons` and `features` come from where the
+    assessment was made: `assess_batch` hands out views of one row of a `BatchAssessment`, which
+    build them on first access (the scoring service reads only the decision of most rows, and
+    a row's features dict and reason objects cost more than the rest of the scoring together).
+    `reasons` is the same tuple on every access; `features` is a new dict each time when the
+    assessment is a row view (mutating it changes nothing)."""
+
+    __slots__ = ("_row", "_source", "decision", "score")
+
+    score: float  # in [0, 1]
+    decision: Decision
+    _source: BatchAssessment | _Given
+    _row: int
+
+    def __init__(
+        self,
+        score: float,
+        decision: Decision,
+        reasons: tuple[Reason, ...],  # ranked
+        features: dict[str, float],  # the values the score used, by feature name
+        model_version: str,
+        rules_version: str,
+    ) -> None:
+        given = _Given(tuple(reasons), features, model_version, rules_version)
+        _set(self, "score", score)
+        _set(self, "decision", decision)
+        _set(self, "_source", given)
+        _set(self, "_row", 0)
+
+    @classmethod
+    def _row_view(
+        cls, batch: BatchAssessment, row: int, score: float, decision: Decision
+    ) -> Assessment:
+        self = _new(cls)
+        _set(self, "score", score)
+        _set(self, "decision", decision)
+        _set(self, "_source", batch)
+        _set(self, "_row", row)
+        return self
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return self._source.reasons_of(self._row)
+
+    @property
+    def features(self) -> dict[str, float]:
+        return self._source.features_of(self._row)
+
+    @property
+    def model_version(self) -> str:
+        return self._source.model_version
+
+    @property
+    def rules_version(self) -> str:
+        return self._source.rules_version
+
+    def _values(self) -> tuple[object, ...]:
+        return (
+            self.score,
+            self.decision,
+            self.reasons,
+            self.features,
+            self.model_version,
+            self.rules_version,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Assessment):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict, like the dataclass did
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Assessment], tuple[object, ...]]:
+        return (Assessment, self._values())
+
+    def __repr__(self) -> str:
+        return (
+            f"Assessment(score={self.score!r}, decision={self.decision!r}, "
+            f"reasons={self.reasons!r}, features={self.features!r}, "
+            f"model_version={self.model_version!r}, rules_version={self.rules_version!r})"
+        )
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 def assess_batch(
@@ -125,9 +333,26 @@ def assess_batch(
 ) -> list[Assessment]:
     """Assess a batch of shape (n, len(feature_names)); one Assessment per row, in order.
 
-    One model evaluation and one rules evaluation for the whole batch; the per-row work is
-    building the result objects. Raises ValueError when the model's or the rules' feature
-    names differ from `feature_names` (a wiring bug, not bad data).
+    `assess_columns(...).assessments()`: see there."""
+    return assess_columns(
+        features, feature_names, model, rules, thresholds, max_model_reasons
+    ).assessments()
+
+
+def assess_columns(
+    features: ArrayLike,
+    feature_names: Sequence[str],
+    model: ModelArtifact,
+    rules: RuleSet,
+    thresholds: Thresholds,
+    max_model_reasons: int = 3,
+) -> BatchAssessment:
+    """Assess a batch of shape (n, len(feature_names)), as columns.
+
+    One model evaluation and one rules evaluation for the whole batch, and numpy for the rest:
+    the only per-row Python is converting the results to lists. Raises ValueError when the
+    model's or the rules' feature names differ from `feature_names` (a wiring bug, not bad
+    data).
     """
     names = tuple(feature_names)
     X = np.asarray(features, dtype=np.float64)
@@ -140,8 +365,6 @@ def assess_batch(
     if max_model_reasons < 0:
         raise ValueError(f"max_model_reasons must be >= 0, got {max_model_reasons}")
     n, d = X.shape
-    if n == 0:
-        return []
 
     # --- rules: one evaluation, then the active ones act -------------------------------------
     hits = rules.evaluate(X).matrix  # (n_rules, n)
@@ -172,9 +395,9 @@ def assess_batch(
     if decline_rules:
         level = np.where(hits[decline_rules].any(axis=0), 2, level)
 
-    # --- rule reasons: one nonzero over the ranked hit matrix --------------------------------
+    # --- rule reasons: one nonzero over the ranked hit matrix; few rows have any -------------
     ranked = active + shadow
-    rule_reasons = [
+    rule_reasons = tuple(
         Reason(
             code=rules.rules[i].reason_code,
             text=rules.rules[i].reason_text,
@@ -183,29 +406,32 @@ def assess_batch(
         )
         for indices, source in ((active, ReasonSource.RULE), (shadow, ReasonSource.SHADOW_RULE))
         for i in indices
-    ]
-    per_row: list[list[Reason]] = [[] for _ in range(n)]
-    if ranked:
+    )
+    rule_hits: dict[int, list[int]] = {}
+    if ranked and n:
         # Row-major nonzero of (n, n_rules): grouped by row, each row in ranked order.
         rows, cols = np.nonzero(hits[ranked].T)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            per_row[r].append(rule_reasons[c])
+            rule_hits.setdefault(r, []).append(c)
 
+    system_reasons: dict[int, Reason] = {}
     if any_bad:
         for r in np.flatnonzero(bad_rows).tolist():
             bad = [names[j] for j in np.flatnonzero(~finite[r]).tolist()]
-            per_row[r].append(
-                Reason(
-                    code=NOT_FINITE_CODE,
-                    text=f"non-finite feature(s) {', '.join(bad)}; the model ignored them",
-                    contribution=0.0,
-                    source=ReasonSource.SYSTEM,
-                )
+            system_reasons[r] = Reason(
+                code=NOT_FINITE_CODE,
+                text=f"non-finite feature(s) {', '.join(bad)}; the model ignored them",
+                contribution=0.0,
+                source=ReasonSource.SYSTEM,
             )
 
     # --- model reasons: top-k positive contributions per row ---------------------------------
     k = min(max_model_reasons, d)
-    if k > 0:
+    model_start = [0] * (n + 1)
+    model_feature: list[int] = []
+    model_contribution: list[float] = []
+    model_value: list[float] = []
+    if k > 0 and n:
         if k < d:
             top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]
         else:
@@ -216,29 +442,27 @@ def assess_batch(
         top = np.take_along_axis(top, order, axis=1)
         top_contrib = np.take_along_axis(top_contrib, order, axis=1)
         top_values = np.take_along_axis(X, top, axis=1)
-        codes = [f"MODEL_{name.upper()}" for name in names]
-        for r, (feats, cs, vs) in enumerate(
-            zip(top.tolist(), top_contrib.tolist(), top_values.tolist(), strict=True)
-        ):
-            reasons = per_row[r]
-            for j, c, v in zip(feats, cs, vs, strict=True):
-                if not c > 0.0:  # sorted: the rest did not raise the risk either
-                    break
-                reasons.append(
-                    Reason(codes[j], f"{names[j]} = {v:.6g} raised the risk", c, ReasonSource.MODEL)
-                )
+        # A row's reasons stop at the first contribution that did not raise the risk (sorted:
+        # the rest did not either; NaN compares False and stops them too).
+        keep = np.logical_and.accumulate(top_contrib > 0.0, axis=1)
+        model_start = np.concatenate(([0], np.cumsum(keep.sum(axis=1)))).tolist()
+        # Boolean indexing of a 2-D array is row-major: row after row, ranked within a row.
+        model_feature = top[keep].tolist()
+        model_contribution = top_contrib[keep].tolist()
+        model_value = top_values[keep].tolist()
 
-    scores = score.tolist()
-    levels = level.tolist()
-    rows_values = X.tolist()
-    return [
-        Assessment(
-            score=scores[r],
-            decision=_LEVELS[levels[r]],
-            reasons=tuple(per_row[r]),
-            features=dict(zip(names, rows_values[r], strict=True)),
-            model_version=model.version,
-            rules_version=rules.version,
-        )
-        for r in range(n)
-    ]
+    return BatchAssessment(
+        feature_names=names,
+        features=X,
+        scores=score.tolist(),
+        levels=level.tolist(),
+        rule_reasons=rule_reasons,
+        rule_hits=rule_hits,
+        system_reasons=system_reasons,
+        model_start=model_start,
+        model_feature=model_feature,
+        model_contribution=model_contribution,
+        model_value=model_value,
+        model_version=model.version,
+        rules_version=rules.version,
+    )

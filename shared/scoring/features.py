@@ -303,14 +303,30 @@ class VelocityConfig:
 DEFAULT_CONFIG: Final = VelocityConfig()
 
 
+# Currency code as written on the wire -> its ISO 4217 exponent: `currency_exponent` strips and
+# upper-cases on every call, and every transaction asks. Only known codes are kept, and at most
+# _EXPONENT_MEMO_SIZE spellings of them, so odd input cannot grow it.
+_EXPONENT_MEMO: Final[dict[str, int]] = {}
+_EXPONENT_MEMO_SIZE: Final = 1024
+
+
+def _exponent(currency: str) -> int:
+    exponent = _EXPONENT_MEMO.get(currency)
+    if exponent is None:
+        try:
+            exponent = currency_exponent(currency)
+        except KeyError:
+            # Ingest rejects unknown currencies; a record built by hand (tests, training files)
+            # falls back to the most common exponent rather than failing the whole batch.
+            return 2
+        if len(_EXPONENT_MEMO) < _EXPONENT_MEMO_SIZE:
+            _EXPONENT_MEMO[currency] = exponent
+    return exponent
+
+
 def _scaled_amount(units: int, currency: str) -> tuple[int, float]:
     """(amount in 1e-4 major units, amount in major units) of `units` minor units."""
-    try:
-        exponent = currency_exponent(currency)
-    except KeyError:
-        # Ingest rejects unknown currencies; a record built by hand (tests, training files)
-        # falls back to the most common exponent rather than failing the whole batch.
-        exponent = 2
+    exponent = _exponent(currency)
     if exponent <= AMOUNT_SCALE_EXPONENT:
         scaled = units * 10 ** (AMOUNT_SCALE_EXPONENT - exponent)
     else:  # no ISO 4217 currency has more than 4 minor digits; truncate if one ever does
@@ -354,22 +370,45 @@ class TxRecord:
 
     @classmethod
     def from_proto(cls, tx: Any) -> TxRecord:
-        """From a `fraud.v1.Transaction` (typed Any: generated code is not type-checked)."""
+        """From a `fraud.v1.Transaction` (typed Any: generated code is not type-checked).
+
+        The same checks and conversions as the constructor, written out so that the object is
+        filled in directly: the scoring service makes one per transaction, and the frozen
+        dataclass's `__init__` plus `__post_init__` cost twice as much."""
         ts = tx.event_time
-        located = tx.HasField("latitude") and tx.HasField("longitude")
-        return cls(
-            transaction_id=tx.transaction_id,
-            account_id=tx.account_id,
-            event_ms=ts.seconds * 1000 + ts.nanos // 1_000_000,
-            amount_minor=tx.amount.units,
-            currency=tx.amount.currency,
-            merchant_id=tx.merchant_id,
-            country=tx.country,
-            device_id=tx.device_id,
-            terminal_id=tx.terminal_id,
-            latitude=tx.latitude if located else None,
-            longitude=tx.longitude if located else None,
-        )
+        event_ms = ts.seconds * 1000 + ts.nanos // 1_000_000
+        if not 0 <= event_ms <= MAX_EVENT_MS:
+            raise ValueError(f"event_ms {event_ms} is outside [0, 1e13)")
+        money = tx.amount
+        units = money.units
+        currency = money.currency
+        scaled, major = _scaled_amount(units, currency)
+        latitude = longitude = None
+        if tx.HasField("latitude") and tx.HasField("longitude"):
+            latitude, longitude = tx.latitude, tx.longitude
+            # A location is both coordinates, finite; anything else is "no location".
+            if not (_isfinite(latitude) and _isfinite(longitude)):
+                latitude = longitude = None
+        record = _new_object(cls)
+        _set_attribute(record, "transaction_id", tx.transaction_id)
+        _set_attribute(record, "account_id", tx.account_id)
+        _set_attribute(record, "event_ms", event_ms)
+        _set_attribute(record, "amount_minor", units)
+        _set_attribute(record, "currency", currency)
+        _set_attribute(record, "merchant_id", tx.merchant_id)
+        _set_attribute(record, "country", tx.country)
+        _set_attribute(record, "device_id", tx.device_id)
+        _set_attribute(record, "terminal_id", tx.terminal_id)
+        _set_attribute(record, "latitude", latitude)
+        _set_attribute(record, "longitude", longitude)
+        _set_attribute(record, "amount_scaled", scaled)
+        _set_attribute(record, "amount", major)
+        return record
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__  # what a frozen dataclass's own __init__ uses
+_isfinite = math.isfinite
 
 
 @dataclass(frozen=True, slots=True)

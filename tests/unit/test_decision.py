@@ -4,6 +4,8 @@ reasons ranked rules first, then the model's largest positive contributions."""
 from __future__ import annotations
 
 import math
+import pickle
+from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from shared.scoring.decision import (
     Thresholds,
     ThresholdsError,
     assess_batch,
+    assess_columns,
+    model_reason_text,
 )
 from shared.scoring.model import ModelArtifact, predict_proba
 from shared.scoring.rules import RuleSet, parse_rules
@@ -254,3 +258,49 @@ def test_empty_batch_and_wiring_errors() -> None:
     other_rules = parse_rules('version = "r"\n', ("a",))
     with pytest.raises(ValueError, match="different feature names"):
         assess(batch({}), rs=other_rules)
+
+
+# --- row views and columns ---------------------------------------------------------------------
+
+
+def test_row_views_equal_assessments_built_from_their_values() -> None:
+    rs = rules(
+        ("big", "amount > 60", "review", "active"),
+        ("watch", "amount > 10", "review", "shadow"),
+    )
+    m = model(0.1, {"amount": 0.01, "count_1m": 0.5, "is_night": 2.0})
+    features = batch(
+        {"amount": 100, "count_1m": 2, "is_night": 1}, {"amount": 20}, {"amount": 5}, {}
+    )
+    features[3, FEATURES.index("count_1m")] = np.inf
+    views = assess(features, m, rs)
+    plain = [
+        Assessment(a.score, a.decision, tuple(a.reasons), dict(a.features), "model-1", "rules-1")
+        for a in views
+    ]
+    assert views == plain
+    assert [repr(a) for a in views] == [repr(a) for a in plain]
+    assert codes(views[3])[0] == "FEATURES_NOT_FINITE"
+    assert views[0].reasons is views[0].reasons  # built once
+    views[0].features["amount"] = -1.0  # a copy: the assessment does not change
+    assert views[0].features["amount"] == 100
+    restored = pickle.loads(pickle.dumps(views))
+    assert restored == plain
+    with pytest.raises(FrozenInstanceError):
+        views[0].score = 1.0
+
+
+def test_columns_hold_what_the_assessments_say() -> None:
+    m = model(0.1, {"amount": 0.01, "count_1m": -1.0, "is_night": 2.0})
+    rs = rules(("big", "amount > 60", "decline", "active"))
+    features = batch({"amount": 100, "count_1m": 3, "is_night": 1}, {"count_1m": 3})
+    columns = assess_columns(features, FEATURES, m, rs, Thresholds())
+    views = columns.assessments()
+    assert columns.decisions == [a.decision for a in views] == [Decision.DECLINE, Decision.APPROVE]
+    assert columns.scores == [a.score for a in views]
+    assert columns.model_start == [0, 2, 2]
+    assert [FEATURES[j] for j in columns.model_feature] == ["is_night", "amount"]
+    assert columns.model_value == [1.0, 100.0]
+    assert columns.rule_hits == {0: [0]}
+    assert views[0].reasons[1].text == model_reason_text("is_night", 1.0)
+    assert model_reason_text("amount", 1234567.0) == "amount = 1.23457e+06 raised the risk"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -395,3 +396,68 @@ def test_reload_swaps_versions_between_batches_and_keeps_old_on_broken_files(
     assert engine.evaluate(records, velocity).assessments[0].model_version == "model-test-2"
     # The same broken files are reported once, not on every batch.
     assert engine.maybe_reload().failed == []
+
+
+# --- hot-path shortcuts hold to the plain code ------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(-(2**40), 2**40),
+    st.sampled_from(["EUR", "JPY", "BHD", "CLF", " eur", "XXQ", ""]),
+    st.integers(-(2**35), 2**35),
+    st.integers(0, 999_999_999),
+    st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+    st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+)
+def test_from_proto_builds_what_the_constructor_builds(
+    units: int, currency: str, seconds: int, nanos: int, lat: float | None, lon: float | None
+) -> None:
+    message = tx(1, units=units, currency=currency, location=None)
+    message.event_time.seconds, message.event_time.nanos = seconds, nanos
+    if lat is not None:
+        message.latitude = lat
+    if lon is not None:
+        message.longitude = lon
+    event_ms = seconds * 1000 + nanos // 1_000_000
+    try:
+        expected = TxRecord(
+            transaction_id=message.transaction_id,
+            account_id=message.account_id,
+            event_ms=event_ms,
+            amount_minor=units,
+            currency=currency,
+            merchant_id=message.merchant_id,
+            country=message.country,
+            device_id=message.device_id,
+            terminal_id=message.terminal_id,
+            latitude=lat if lat is not None and lon is not None else None,
+            longitude=lon if lat is not None and lon is not None else None,
+        )
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            TxRecord.from_proto(message)
+        return
+    record = TxRecord.from_proto(message)
+    assert record == expected
+    assert (record.amount, record.amount_scaled) == (expected.amount, expected.amount_scaled)
+    assert (record.latitude, record.longitude) == (expected.latitude, expected.longitude)
+
+
+def test_encoder_writes_system_reasons_like_the_api(engine: ScoringEngine) -> None:
+    messages = [tx(i, units=700 + 40_000 * (i % 2)) for i in range(4)]
+    records = transaction_records(messages)
+    velocity = velocity_of(records)
+    velocity.raw[1, 1] = np.inf  # count_1m: a non-finite feature, a SYSTEM reason
+    velocity.raw[2, 1] = np.nan
+    result = engine.evaluate(records, velocity)
+    assert result.assessments[1].reasons[1].source is ReasonSource.SYSTEM  # after BIG
+    assert result.decisions == [a.decision for a in result.assessments]
+    raw = [m.SerializeToString(deterministic=True) for m in messages]
+    encoded = engine.encode(raw, result, ingested_at_ms=[0, 1, 999, None], scored_at_ms=T0)
+    expected = engine.to_protos(messages, result, ingested_at_ms=[0, 1, 999, None], scored_at_ms=T0)
+    for enc, message in zip(encoded, expected, strict=True):
+        parsed = scoring_pb2.ScoredTransaction.FromString(enc.full)
+        assert parsed.SerializeToString(deterministic=True) == message.SerializeToString(
+            deterministic=True
+        )
