@@ -194,14 +194,14 @@ async def _run_leg(
             stop.set()
 
     try:
-        lock = subscribe_exactly_once(consumer, [settings.topics.raw])
+        gate = subscribe_exactly_once(consumer, [settings.topics.raw])
         await run_exactly_once(
             consumer=consumer,
             producer=producer,
             group_id=group,
             transform=transform,
             stop=stop,
-            batch_lock=lock,
+            batch_gate=gate,
             max_records=batch,
             on_batch=on_batch,
         )

@@ -51,6 +51,7 @@ from shared.infra import ensure_infra
 from shared.kafka import (
     ConsumerRecord,
     OutputRecord,
+    StagedTransform,
     Transform,
     ensure_topics,
     make_admin,
@@ -187,12 +188,13 @@ async def _prefill(settings: Settings, payloads: Sequence[bytes]) -> None:
 async def _run_leg(
     settings: Settings,
     name: str,
-    transform: Transform,
+    transform: Transform | StagedTransform[Any],
     *,
     count: int,
     batch: int,
     max_seconds: float,
     on_commit: Any = None,
+    on_discard: Any = None,
 ) -> LegResult:
     group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     producer = make_transactional_producer(settings, group)
@@ -221,16 +223,18 @@ async def _run_leg(
             stop.set()
 
     try:
-        lock = subscribe_exactly_once(consumer, [settings.topics.valid])
+        gate = subscribe_exactly_once(consumer, [settings.topics.valid])
         await run_exactly_once(
             consumer=consumer,
             producer=producer,
             group_id=group,
             transform=transform,
             stop=stop,
-            batch_lock=lock,
+            batch_gate=gate,
             max_records=batch,
             on_batch=on_batch,
+            on_discard=on_discard,
+            pipeline_depth=settings.scoring.pipeline_depth,  # as the service runs; both legs alike
         )
     finally:
         cpu_seconds = time.process_time() - cpu_start
@@ -346,11 +350,12 @@ async def run_bench(
                 scoring = await _run_leg(
                     settings,
                     "scoring",
-                    service.transform,
+                    service.stages,
                     count=count,
                     batch=batch,
                     max_seconds=max_seconds,
                     on_commit=service.on_batch_committed,
+                    on_discard=service.on_batches_discarded,
                 )
                 rounds_run.append((passthrough, scoring))
                 print(

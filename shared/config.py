@@ -84,6 +84,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SCORING_DECLINE_THRESHOLD": ("0.85", "score at or above which a transaction is DECLINE"),
     "SCORING_LABEL_DELAY_S": ("604800", "labels count for terminal risk only after this delay"),
     "SCORING_BATCH_MAX": ("1000", "records per batch"),
+    "SCORING_PIPELINE_DEPTH": (
+        "2",
+        "batches scored and committed while the next is read and its velocity applied (0-8)",
+    ),
     # Alerting
     "ALERTING_GROUP_ID": ("fraudstream-alerting", "consumer group of the alerting service"),
     "ALERT_POLICY": (
@@ -195,6 +199,7 @@ class ScoringSettings:
     decline_threshold: float = 0.85
     label_delay_s: int = 7 * 86400
     batch_max: int = 1000
+    pipeline_depth: int = 2
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,18 @@ class Settings:
     scoring: ScoringSettings
     alerting: AlertingSettings
     query: QuerySettings
+
+
+# Each batch in flight holds its records and outputs in memory and is read again if an earlier
+# one fails; past a few, nothing more overlaps (one Redis, one Python thread).
+MAX_PIPELINE_DEPTH = 8
+
+
+def _pipeline_depth(env: _Env) -> int:
+    depth = env.integer("SCORING_PIPELINE_DEPTH", minimum=0)
+    if depth > MAX_PIPELINE_DEPTH:
+        raise ConfigError(f"SCORING_PIPELINE_DEPTH={depth} must be at most {MAX_PIPELINE_DEPTH}")
+    return depth
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -325,6 +342,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             decline_threshold=decline,
             label_delay_s=env.integer("SCORING_LABEL_DELAY_S", minimum=0),
             batch_max=env.integer("SCORING_BATCH_MAX", minimum=1),
+            pipeline_depth=_pipeline_depth(env),
         ),
         alerting=AlertingSettings(
             group_id=env.text("ALERTING_GROUP_ID"),

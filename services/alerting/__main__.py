@@ -149,7 +149,7 @@ async def run_alerting(
         )
         await retry_until_ready("kafka", consumer.start, own_stop, deadline)
         life.on_close("consumer", consumer.stop)
-        batch_lock = subscribe_exactly_once(consumer, [topics.scores])
+        batch_gate = subscribe_exactly_once(consumer, [topics.scores])
 
         transform = AlertTransform(
             policy=policy, store=store, alerts_topic=topics.alerts, webhook=webhook
@@ -182,7 +182,7 @@ async def run_alerting(
                 group_id=group_id,
                 transform=transform,
                 stop=own_stop,
-                batch_lock=batch_lock,
+                batch_gate=batch_gate,
                 max_records=BATCH_MAX,
                 max_batches=max_batches,
                 on_batch=on_batch,

@@ -116,7 +116,7 @@ async def run_ingest(
         )
         await retry_until_ready("kafka", consumer.start, stop, deadline)
         life.on_close("consumer", consumer.stop)
-        batch_lock = subscribe_exactly_once(consumer, [topics.raw])
+        batch_gate = subscribe_exactly_once(consumer, [topics.raw])
 
         service = IngestService(
             topics=topics,
@@ -148,7 +148,7 @@ async def run_ingest(
             group_id=group_id,
             transform=service.transform,
             stop=stop,
-            batch_lock=batch_lock,
+            batch_gate=batch_gate,
             max_records=settings.ingest.batch_max,
             max_batches=max_batches,
             on_batch=on_batch,

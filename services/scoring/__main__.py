@@ -171,7 +171,7 @@ async def run_scoring(
         )
         await retry_until_ready("kafka", consumer.start, own_stop, deadline)
         life.on_close("consumer", consumer.stop)
-        batch_lock = subscribe_exactly_once(consumer, [topics.valid])
+        batch_gate = subscribe_exactly_once(consumer, [topics.valid])
 
         label_task: asyncio.Task[LabelStats] | None = None
         if labels:
@@ -230,12 +230,16 @@ async def run_scoring(
             consumer=consumer,
             producer=producer,
             group_id=group_id,
-            transform=service.transform,
+            transform=service.stages,
             stop=own_stop,
-            batch_lock=batch_lock,
+            batch_gate=batch_gate,
             max_records=scoring.batch_max,
             max_batches=max_batches,
             on_batch=on_batch,
+            on_discard=service.on_batches_discarded,
+            # The next batch's velocity call runs in Redis while this process scores, encodes
+            # and commits the previous ones: a serial loop leaves each side idle in turn.
+            pipeline_depth=scoring.pipeline_depth,
         )
         own_stop.set()
         label_stats: LabelStats | None = None

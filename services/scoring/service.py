@@ -1,6 +1,7 @@
 """The scoring batch transform: transactions.valid -> velocity -> engine -> risk.scores.
 
-`ScoringService.transform` is the `transform` of `shared.kafka.run_exactly_once`. Per batch:
+`ScoringService.stages` is the transform of `shared.kafka.run_exactly_once`, in two stages:
+`prepare` (steps 1-3) and `finish` (steps 4-6). Per batch:
 
   1. `engine.maybe_reload()` (rules and model files: one stat each when unchanged);
   2. decode every record (protobuf `Transaction`); a record that does not decode or cannot be
@@ -19,15 +20,18 @@
 
 Redis writes happen before the Kafka transaction commits; they are idempotent, so a retried
 batch writes the same values and publishes the same scores (velocity returns the stored results
-of transactions it has already applied). Metrics of a batch are staged and applied in
-`on_batch_committed`, after the commit, so a retried batch is not counted twice. Rule and model
-reloads are counted when they happen: they are not part of any batch's outcome.
+of transactions it has already applied). The service runs with a `pipeline_depth` (the next
+batch's velocity call runs in Redis while this process scores and commits the ones before it),
+so the metrics of each batch are queued and applied in `on_batch_committed`, after its commit,
+and `on_batches_discarded` drops them when the loop discards the batches in hand: a retried
+batch is not counted twice. Rule and model reloads are counted when they happen: they
+are not part of any batch's outcome.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +55,7 @@ from shared.dlq import (
     DLQ_HEADER_VERSION,
     SERVICE_VERSION,
 )
-from shared.kafka import ConsumerRecord, OutputRecord
+from shared.kafka import ConsumerRecord, OutputRecord, StagedTransform
 from shared.logging import get_logger
 from shared.scoring.assessments import AssessmentEntry, AssessmentStore
 from shared.scoring.decision import Assessment, Decision
@@ -67,6 +71,7 @@ __all__ = [
     "SERVICE_NAME",
     "SERVICE_VERSION",
     "BatchOutcome",
+    "PreparedBatch",
     "ScoringMetrics",
     "ScoringService",
     "UnscorableRecord",
@@ -159,6 +164,18 @@ class BatchOutcome:
         self.velocity.update(other.velocity)
         for key, count in other.rule_hits.items():
             self.rule_hits[key] = self.rule_hits.get(key, 0) + count
+
+
+@dataclass
+class PreparedBatch:
+    """A batch between `prepare` and `finish`: its velocity is applied, nothing is scored."""
+
+    outcome: BatchOutcome
+    slots: list[OutputRecord | int]  # source order: a dead letter, or an index into `good`
+    good: list[ConsumerRecord]
+    txs: list[transaction_pb2.Transaction]
+    tx_records: list[TxRecord]
+    velocity: VelocityBatch
 
 
 class ScoringMetrics:
@@ -266,7 +283,8 @@ class ScoringService:
         self._assessments = assessments
         self._metrics = metrics
         self._clock = clock
-        self._pending = BatchOutcome()
+        # Outcomes of transformed batches not yet committed, oldest first (the pipeline depth).
+        self._pending: deque[BatchOutcome] = deque()
         self.totals = BatchOutcome()  # committed totals, for the shutdown log line and tests
         if metrics is not None:
             versions = engine.versions
@@ -310,7 +328,19 @@ class ScoringService:
         )
         return dead_letter(record, error, self._topics.dlq)
 
+    @property
+    def stages(self) -> StagedTransform[PreparedBatch]:
+        """The transform for `run_exactly_once(pipeline_depth=...)`: the next batch's velocity
+        call (Redis) runs while this process scores and encodes the ones before it."""
+        return StagedTransform(self.prepare, self.finish)
+
     async def transform(self, records: list[ConsumerRecord]) -> list[OutputRecord]:
+        """Both stages at once (tests, training, and a loop without overlap)."""
+        return await self.finish(await self.prepare(records))
+
+    async def prepare(self, records: list[ConsumerRecord]) -> PreparedBatch:
+        """Steps 1-3: decode, dead-letter, and apply the velocity batch (in batch order: the
+        counters of the next batch build on these)."""
         self.reload()
         outcome = BatchOutcome()
         # Source order: a slot is either a dead letter or the index of a scored transaction.
@@ -330,7 +360,7 @@ class ScoringService:
             txs.append(tx)
             tx_records.append(tx_record)
 
-        encoded = []
+        velocity = VelocityBatch(np.empty((0, len(RAW_COLUMNS))))
         if good:
             velocity, poisoned = await self._apply_isolating(tx_records)
             if poisoned:
@@ -351,6 +381,13 @@ class ScoringService:
                 good = [good[i] for i in keep]
                 txs = [txs[i] for i in keep]
                 tx_records = [tx_records[i] for i in keep]
+        return PreparedBatch(outcome, slots, good, txs, tx_records, velocity)
+
+    async def finish(self, prepared: PreparedBatch) -> list[OutputRecord]:
+        """Steps 4-6: score, encode, write the assessments; the batch's output records."""
+        outcome, slots, good = prepared.outcome, prepared.slots, prepared.good
+        txs, tx_records, velocity = prepared.txs, prepared.tx_records, prepared.velocity
+        encoded = []
         if good:
             result = self._engine.evaluate(tx_records, velocity)
             timestamps = [r.timestamp for r in good]
@@ -402,7 +439,7 @@ class ScoringService:
                     timestamp_ms=good[slot].timestamp,
                 )
             )
-        self._pending = outcome
+        self._pending.append(outcome)
         return outputs
 
     async def _apply_isolating(
@@ -447,9 +484,14 @@ class ScoringService:
                 reasons=[r.code for r in assessment.reasons[:5]],
             )
 
+    def on_batches_discarded(self) -> None:
+        """`on_discard` of run_exactly_once: every batch transformed but not committed was
+        dropped (it is read and scored again), so what it staged must not be counted."""
+        self._pending.clear()
+
     def on_batch_committed(self, records_in: int, records_out: int, seconds: float) -> None:
-        """`on_batch` of run_exactly_once: the last transform's transaction has committed."""
-        outcome, self._pending = self._pending, BatchOutcome()
+        """`on_batch` of run_exactly_once: the oldest transformed batch has committed."""
+        outcome = self._pending.popleft() if self._pending else BatchOutcome()
         self.totals.add(outcome)
         if self._metrics is not None:
             self._metrics.observe(outcome, records_in, seconds)

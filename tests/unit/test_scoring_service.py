@@ -189,13 +189,27 @@ async def test_metrics_move_only_when_the_batch_commits(service: Any) -> None:
     svc, _, _, (registry, _) = service
     batch = [record(i, make_tx(i).SerializeToString()) for i in range(3)]
     await svc.transform(batch)
-    await svc.transform(batch)  # an aborted attempt retried: staged again, not added
+    svc.on_batches_discarded()  # the attempt aborted: the loop reads the batch again
+    await svc.transform(batch)
     value = registry.get_sample_value
     assert value("fraudstream_scoring_scored_total", {"decision": "APPROVE"}) is None
     svc.on_batch_committed(3, 3, 0.01)
     assert value("fraudstream_scoring_scored_total", {"decision": "APPROVE"}) == 3
     assert value("fraudstream_scoring_batch_size_count") == 1
     assert sum(svc.totals.scored.values()) == 3
+
+
+async def test_overlapping_batches_are_counted_in_commit_order(service: Any) -> None:
+    # With a pipeline depth the next batch is transformed before the previous one commits.
+    svc, _, _, (registry, _) = service
+    await svc.transform([record(i, make_tx(i).SerializeToString()) for i in range(3)])
+    await svc.transform([record(i, make_tx(i).SerializeToString()) for i in range(3, 5)])
+    value = registry.get_sample_value
+    svc.on_batch_committed(3, 3, 0.01)
+    assert value("fraudstream_scoring_scored_total", {"decision": "APPROVE"}) == 3
+    svc.on_batch_committed(2, 2, 0.01)
+    assert value("fraudstream_scoring_scored_total", {"decision": "APPROVE"}) == 5
+    assert value("fraudstream_scoring_batch_size_count") == 2
 
 
 async def test_a_broken_rules_file_is_counted_and_the_old_rules_stay(service: Any) -> None:
