@@ -84,6 +84,11 @@ class LegResult:
     seconds: float
     cpu_seconds: float
     batches: int
+    redis_cpu_seconds: float = 0.0  # Redis's main thread over the leg
+
+    @property
+    def redis_cpu_us_per_record(self) -> float:
+        return 1e6 * self.redis_cpu_seconds / self.records if self.records else 0.0
 
     @property
     def rate(self) -> float:
@@ -130,6 +135,7 @@ class BenchResult:
     def report(self) -> str:
         cpu_p = statistics.median(p.cpu_us_per_record for p, _ in self.rounds)
         cpu_s = statistics.median(s.cpu_us_per_record for _, s in self.rounds)
+        redis_s = statistics.median(s.redis_cpu_us_per_record for _, s in self.rounds)
         rate_ok = "met" if self.scoring_rate >= TARGET_RATE else "NOT met"
         ratio_ok = "met" if self.ratio >= TARGET_RATIO else "NOT met"
         lines = [
@@ -138,6 +144,7 @@ class BenchResult:
             f"  passthrough  {self.passthrough_rate:10.0f} tx/s   {cpu_p:6.1f} us CPU/tx",
             f"  scoring      {self.scoring_rate:10.0f} tx/s   {cpu_s:6.1f} us CPU/tx   "
             f"(target >= {TARGET_RATE:.0f}: {rate_ok})",
+            f"               {'':10}        {redis_s:6.1f} us Redis CPU/tx (main thread)",
             f"  ratio        {self.ratio:10.2f}   (target >= {TARGET_RATIO:.2f}: {ratio_ok})",
         ]
         if self.memory is not None:
@@ -195,12 +202,14 @@ async def _run_leg(
     max_seconds: float,
     on_commit: Any = None,
     on_discard: Any = None,
+    redis: aioredis.Redis | None = None,
 ) -> LegResult:
     group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     producer = make_transactional_producer(settings, group)
     consumer = make_consumer(settings, group_id=group, client_id=group, max_poll_records=batch)
     await producer.start()
     await consumer.start()
+    redis_start = await _redis_cpu(redis) if redis is not None else 0.0
     cpu_start = time.process_time()
     stop = asyncio.Event()
     timer = asyncio.get_running_loop().call_later(max_seconds, stop.set)
@@ -241,9 +250,18 @@ async def _run_leg(
         timer.cancel()
         await consumer.stop()
         await producer.stop()
+    redis_seconds = await _redis_cpu(redis) - redis_start if redis is not None else 0.0
     if records < count:
         print(f"  warning: {name} committed {records} of {count} within {max_seconds} s")
-    return LegResult(name, records, last_end - (first_start or last_end), cpu_seconds, batches)
+    return LegResult(
+        name, records, last_end - (first_start or last_end), cpu_seconds, batches, redis_seconds
+    )
+
+
+async def _redis_cpu(redis: aioredis.Redis) -> float:
+    """CPU seconds of Redis's main thread (it runs the scripts) since it started."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
 def _passthrough(out_topic: str) -> Transform:
@@ -356,6 +374,7 @@ async def run_bench(
                     max_seconds=max_seconds,
                     on_commit=service.on_batch_committed,
                     on_discard=service.on_batches_discarded,
+                    redis=redis,
                 )
                 rounds_run.append((passthrough, scoring))
                 print(

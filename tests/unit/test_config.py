@@ -38,6 +38,7 @@ def test_values_are_read_and_typed() -> None:
             "TOPIC_RISK_ALERTS": "alerts.v2",
             "METRICS_PORT": "0",
             "SCORING_REVIEW_THRESHOLD": "0.4",
+            "SCORING_PIPELINE_DEPTH": "0",
             "QUERY_AUTH_TOKENS": "a, b",
         }
     )
@@ -47,6 +48,7 @@ def test_values_are_read_and_typed() -> None:
     assert settings.topics.alerts == "alerts.v2"
     assert settings.metrics_port == 0
     assert settings.scoring.review_threshold == 0.4
+    assert settings.scoring.pipeline_depth == 0
     assert settings.query.auth_tokens == ("a", "b")
 
 
@@ -69,6 +71,9 @@ def test_values_are_read_and_typed() -> None:
         ({"QUERY_LISTEN": "localhost"}, "QUERY_LISTEN"),
         ({"QUERY_TLS_CERT": "/tmp/cert.pem"}, "QUERY_TLS_KEY"),
         ({"QUERY_FAILURE_POLICY": "maybe"}, "QUERY_FAILURE_POLICY"),
+        ({"SCORING_PIPELINE_DEPTH": "-1"}, "SCORING_PIPELINE_DEPTH"),
+        ({"SCORING_PIPELINE_DEPTH": "9"}, "SCORING_PIPELINE_DEPTH=9 must be at most 8"),
+        ({"SCORING_PIPELINE_DEPTH": "two"}, "SCORING_PIPELINE_DEPTH"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], names: str) -> None:
