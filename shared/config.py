@@ -245,10 +245,10 @@ class Settings:
 MAX_PIPELINE_DEPTH = 8
 
 
-def _pipeline_depth(env: _Env) -> int:
-    depth = env.integer("SCORING_PIPELINE_DEPTH", minimum=0)
+def _pipeline_depth(env: _Env, name: str) -> int:
+    depth = env.integer(name, minimum=0)
     if depth > MAX_PIPELINE_DEPTH:
-        raise ConfigError(f"SCORING_PIPELINE_DEPTH={depth} must be at most {MAX_PIPELINE_DEPTH}")
+        raise ConfigError(f"{name}={depth} must be at most {MAX_PIPELINE_DEPTH}")
     return depth
 
 
@@ -342,7 +342,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             decline_threshold=decline,
             label_delay_s=env.integer("SCORING_LABEL_DELAY_S", minimum=0),
             batch_max=env.integer("SCORING_BATCH_MAX", minimum=1),
-            pipeline_depth=_pipeline_depth(env),
+            pipeline_depth=_pipeline_depth(env, "SCORING_PIPELINE_DEPTH"),
         ),
         alerting=AlertingSettings(
             group_id=env.text("ALERTING_GROUP_ID"),
