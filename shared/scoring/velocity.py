@@ -10,8 +10,8 @@ Key layout (`<p>` is the key prefix: REDIS_KEY_PREFIX, or a training namespace u
     <p>:{acct:<id>}:vc  hash  M1, M2, M3: meta packed as doubles, at most 64 bytes each
                               (watermark, horizon floor, next prunes, newest location, running
                               count and sum of the five windows ending at the watermark, sizes
-                              of vt and vz); q<6h> and d<day> buckets, packed (count, sum in
-                              1e-4 major units)
+                              of vt and vz, a bound below vt's oldest member); q<6h> and d<day>
+                              buckets, packed (count, sum in 1e-4 major units)
     <p>:{acct:<id>}:vz  zset  m<merchant>, c<country>, d<device> at their last-seen ms, each kind
                               in its own score range of 1e13 ms; x<txid> (index of the late
                               results) above them

@@ -777,3 +777,26 @@ async def test_slot_mode_writes_the_same_as_batch_mode(
         assert await batch.latest(account) == await slot.latest(account)
     labels = [(t.account_id, t.transaction_id, i % 2 == 0) for i, t in enumerate(txs)]
     assert await batch.match_labels(labels) == await slot.match_labels(labels)
+
+
+async def test_assessment_ids_with_any_character_are_written_and_matched(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Each field is a script argument of its own: an id holding the unit separator or starting
+    with \\x01 (never let through by ingest) is still stored under its digest, the latest is
+    the newest by event time, and labels find every decision."""
+    store = AssessmentStore(redis, settings.redis_key_prefix)
+    odd = [make_tx(i, account="odd", at_ms=BASE_MS + i * 1000) for i in range(4)]
+    odd[1].transaction_id = "with\x1fseparator"
+    odd[2].transaction_id = "\x01meta"
+    odd[3].transaction_id = "plain \x01 inside"
+    await store.write_batch([scored(t, 1 + i % 3) for i, t in enumerate(odd)])
+    latest = await store.latest("odd")
+    assert latest is not None and latest.transaction.transaction_id == "plain \x01 inside"
+    matches = await store.match_labels([("odd", t.transaction_id, True) for t in odd])
+    assert [m.status for m in matches] == [LabelStatus.FIRST] * 4
+    assert [m.decision for m in matches] == [1, 2, 3, 1]
+    # a rewrite of the same batch keeps the labels and the latest
+    await store.write_batch([scored(t, 1 + i % 3) for i, t in enumerate(odd)])
+    again = await store.match_labels([("odd", t.transaction_id, True) for t in odd])
+    assert [m.status for m in again] == [LabelStatus.REPEATED] * 4

@@ -566,3 +566,53 @@ async def test_fields_are_sent_verbatim(redis: aioredis.Redis, namespace: str) -
         assert await store.apply_labels([label]) == [model.apply_label(label)] == [True]
     finally:
         await store.clear()
+
+
+async def test_state_written_before_the_index_bound_still_matches(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    """An account's M3 of seven doubles (written before the eighth slot held the bound on vt's
+    members) is read as "bound unknown": every result stays the reference's."""
+    events = long_history(3)
+    store = VelocityStore(redis, namespace)
+    model = ReferenceVelocity()
+    try:
+        cuts = [i % 29 == 0 for i in range(len(events))]
+        for n, chunk in enumerate(chunks(events, cuts)):
+            if isinstance(chunk[0], LabelRecord):
+                labels = [e for e in chunk if isinstance(e, LabelRecord)]
+                assert await store.apply_labels(labels) == [model.apply_label(x) for x in labels]
+                continue
+            if n % 3 == 0:
+                for account in ("s1", "s2", "b1", "b2"):
+                    key = store.account_keys(account)[0]
+                    m3 = await awaited(redis.hget(key, "M3"))
+                    if m3 is not None:
+                        await redis.execute_command("HSET", key, "M3", bytes(m3)[:56])
+            txs = [e for e in chunk if isinstance(e, TxRecord)]
+            assert list(await store.apply_batch(txs)) == [model.apply(x) for x in txs]
+    finally:
+        await store.clear()
+
+
+async def test_a_sparse_account_reads_and_prunes_nothing_it_need_not(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    """One payment every 50 minutes: M3 keeps a bound below every member of vt (the first
+    transaction's ms - 1: nothing was pruned), which lets the script skip the index prune and
+    the window reads nothing can leave; the results are the reference's."""
+    store = VelocityStore(redis, namespace)
+    model = ReferenceVelocity()
+    txs = [
+        TxRecord(f"p{i}", "sparse", T0 + i * 50 * MINUTE_MS, 100 + i, merchant_id=f"m{i % 2}")
+        for i in range(12)
+    ]
+    try:
+        for tx in txs:
+            assert list(await store.apply_batch([tx])) == [model.apply(tx)]
+        m3 = await awaited(redis.hget(store.account_keys("sparse")[0], "M3"))
+        bound = np.frombuffer(bytes(m3), dtype="<f8")[7]
+        assert bound == T0 - 1  # every member is later than the first transaction
+        assert await redis.zcard(store.account_keys("sparse")[2]) == len(txs)
+    finally:
+        await store.clear()
