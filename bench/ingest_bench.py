@@ -51,6 +51,7 @@ from shared.kafka import (
     run_exactly_once,
     subscribe_exactly_once,
 )
+from shared.lifecycle import tune_gc_for_batches
 from shared.logging import configure_logging
 from shared.redis_client import make_redis
 from shared.validation import ValidationLimits
@@ -333,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per leg")
     args = parser.parse_args(argv)
     configure_logging("bench", "WARNING", "console")
+    tune_gc_for_batches()  # as the services run (both legs alike)
     result = asyncio.run(
         run_bench(
             count=args.count, rounds=args.rounds, batch=args.batch, max_seconds=args.max_seconds

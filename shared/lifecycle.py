@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -28,11 +29,13 @@ from redis import exceptions as redis_errors
 from shared.logging import get_logger
 
 __all__ = [
+    "BATCH_GC_THRESHOLDS",
     "STARTUP_RETRYABLE",
     "ServiceLifecycle",
     "Startable",
     "add_run_options",
     "retry_until_ready",
+    "tune_gc_for_batches",
 ]
 
 log = get_logger(__name__)
@@ -157,3 +160,21 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not create missing topics at start (when topics are provisioned elsewhere)",
     )
+
+
+# A batch of 1,000 records allocates tens of thousands of short-lived objects (records, protobuf
+# messages, lists, futures). By default the cyclic collector runs every 700 allocations and
+# walks every young object; almost none of them is cyclic garbage (reference counting frees
+# them). Collecting every 100,000 allocations, with the objects alive after start-up frozen out
+# of the collector, cut the scoring service's CPU per transaction from ~41 to ~35-38 us and the
+# passthrough's from ~8 to ~6-7 (bench/scoring_bench.py, alternating runs). The query service
+# keeps its defaults: a young generation this large means fewer but longer pauses, which its
+# p99 would feel.
+BATCH_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def tune_gc_for_batches() -> None:
+    """Tune the garbage collector for a batch-processing service; call once the service's
+    modules are imported and its configuration is loaded."""
+    gc.freeze()
+    gc.set_threshold(*BATCH_GC_THRESHOLDS)

@@ -38,6 +38,7 @@ from shared.lifecycle import (
     ServiceLifecycle,
     add_run_options,
     retry_until_ready,
+    tune_gc_for_batches,
 )
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
@@ -237,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"webhook: {settings.alerting.webhook_url or 'off'}")
         return 0
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
+    tune_gc_for_batches()
     serve_metrics(SERVICE_NAME, settings.metrics_port)
     try:
         asyncio.run(

@@ -35,6 +35,7 @@ from shared.lifecycle import (
     ServiceLifecycle,
     add_run_options,
     retry_until_ready,
+    tune_gc_for_batches,
 )
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingest: configuration error: {e}", file=sys.stderr)
         return 2
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
+    tune_gc_for_batches()
     serve_metrics(SERVICE_NAME, settings.metrics_port)
     try:
         asyncio.run(
