@@ -5,18 +5,20 @@
 
 Both legs read the same prefilled `transactions.valid` copy (each with a fresh consumer group)
 with the same client settings (`make_consumer`, `make_transactional_producer`) through the same
-exactly-once loop (`run_exactly_once`: one Kafka transaction per batch):
+exactly-once loop (`run_exactly_once`: one Kafka transaction per batch, SCORING_PIPELINE_DEPTH
+batches in flight, the garbage collector tuned as the services tune it):
 
   * passthrough: forwards every record's key and value unchanged (the Kafka floor);
-  * scoring: the real `ScoringService.transform` with the shipped rules and model
+  * scoring: the real `ScoringService.stages` with the shipped rules and model
     (SCORING_RULES_PATH / SCORING_MODEL_PATH): decode, one velocity Lua call for the accounts
     and one for the terminals, one numpy evaluation, the ScoredTransactions, one assessment-store
     call, in a fresh Redis namespace per round (so every round applies, none replays).
 
 Throughput is records over the time from the first batch's start to the last batch's commit (the
 consumer-group join is not counted for either). Legs alternate and medians are reported, with
-this process's CPU per transaction (steadier than wall clock on a shared machine: Kafka and
-Redis run on the same 2 cores). Targets: scoring >= 10,000 tx/s and >= 25% of passthrough.
+this process's CPU per transaction and Redis's main-thread CPU per transaction (steadier than
+wall clock on a shared machine: Kafka and Redis run on the same 2 cores). Targets: scoring
+>= 10,000 tx/s and >= 25% of passthrough.
 
 Memory: after the last scoring round, `MEMORY USAGE` (SAMPLES 0) of every key of a sample of
 accounts (velocity: vc, vz, vt, vr; assessments: latest, dec) and terminals, averaged. The
