@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 
-BENCHMARKS = ("ingest_bench", "velocity_bench", "scoring_bench", "query_bench")
+BENCHMARKS = ("ingest_bench", "velocity_bench", "engine_bench", "scoring_bench", "query_bench")
 
 
 def main() -> int:
