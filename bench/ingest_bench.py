@@ -31,25 +31,23 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from bench.legs import (
+    LegResult,
+    delete_keys,
+    delete_topics,
+    passthrough_transform,
+    run_leg,
+)
 from protos.fraud.v1 import transaction_pb2
 from services.ingest.dedup import Deduplicator
 from services.ingest.service import IngestMetrics, IngestService
 from shared.config import Settings, TopicSettings, load_settings
 from shared.infra import ensure_infra
 from shared.kafka import (
-    ConsumerRecord,
-    OutputRecord,
-    Transform,
     ensure_topics,
-    make_admin,
-    make_consumer,
     make_producer,
-    make_transactional_producer,
-    run_exactly_once,
-    subscribe_exactly_once,
 )
 from shared.lifecycle import tune_gc_for_batches
 from shared.logging import configure_logging
@@ -59,23 +57,6 @@ from shared.validation import ValidationLimits
 __all__ = ["BenchResult", "main", "run_bench"]
 
 ACCOUNTS = 1000
-
-
-@dataclass(frozen=True)
-class LegResult:
-    name: str
-    records: int
-    seconds: float  # first batch's start to last batch's commit
-    cpu_seconds: float  # this process's CPU over the whole leg (the broker's is not counted)
-    batches: int
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def cpu_us_per_record(self) -> float:
-        return 1e6 * self.cpu_seconds / self.records if self.records else 0.0
 
 
 def _median(values: Sequence[float]) -> float:
@@ -161,68 +142,6 @@ async def _prefill(settings: Settings, count: int) -> None:
         await producer.stop()
 
 
-async def _run_leg(
-    settings: Settings,
-    name: str,
-    transform: Transform,
-    *,
-    count: int,
-    batch: int,
-    max_seconds: float,
-) -> LegResult:
-    group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
-    producer = make_transactional_producer(settings, group)
-    consumer = make_consumer(settings, group_id=group, client_id=group, max_poll_records=batch)
-    await producer.start()
-    await consumer.start()
-    cpu_start = time.process_time()
-    stop = asyncio.Event()
-    timer = asyncio.get_running_loop().call_later(max_seconds, stop.set)
-    first_start: float | None = None
-    last_end = 0.0
-    records = 0
-    batches = 0
-
-    def on_batch(records_in: int, records_out: int, seconds: float) -> None:
-        nonlocal first_start, last_end, records, batches
-        now = time.perf_counter()
-        if first_start is None:
-            first_start = now - seconds
-        last_end = now
-        records += records_in
-        batches += 1
-        if records >= count:
-            stop.set()
-
-    try:
-        gate = subscribe_exactly_once(consumer, [settings.topics.raw])
-        await run_exactly_once(
-            consumer=consumer,
-            producer=producer,
-            group_id=group,
-            transform=transform,
-            stop=stop,
-            batch_gate=gate,
-            max_records=batch,
-            on_batch=on_batch,
-        )
-    finally:
-        cpu_seconds = time.process_time() - cpu_start
-        timer.cancel()
-        await consumer.stop()
-        await producer.stop()
-    if records < count:
-        print(f"  warning: {name} committed {records} of {count} within {max_seconds} s")
-    return LegResult(name, records, last_end - (first_start or last_end), cpu_seconds, batches)
-
-
-def _passthrough(out_topic: str) -> Transform:
-    async def transform(records: list[ConsumerRecord]) -> list[OutputRecord]:
-        return [OutputRecord(topic=out_topic, value=r.value, key=r.key) for r in records]
-
-    return transform
-
-
 async def run_bench(
     *, count: int = 50_000, rounds: int = 3, batch: int = 500, max_seconds: float = 120.0
 ) -> BenchResult:
@@ -261,18 +180,20 @@ async def run_bench(
                         ),
                         metrics=IngestMetrics(CollectorRegistry()),
                     )
-                    passthrough = await _run_leg(
+                    passthrough = await run_leg(
                         settings,
                         "passthrough",
-                        _passthrough(passthrough_topic),
+                        passthrough_transform(passthrough_topic),
+                        source_topic=settings.topics.raw,
                         count=count,
                         batch=batch,
                         max_seconds=max_seconds,
                     )
-                    ingest = await _run_leg(
+                    ingest = await run_leg(
                         settings,
                         "ingest",
                         service.transform,
+                        source_topic=settings.topics.raw,
                         count=count,
                         batch=batch,
                         max_seconds=max_seconds,
@@ -285,10 +206,10 @@ async def run_bench(
                     )
             finally:
                 for prefix in prefixes:
-                    await _delete_keys(redis, prefix)
+                    await delete_keys(redis, prefix)
                 await redis.aclose()
         finally:
-            await _delete_topics(settings, [*settings.topics.all(), passthrough_topic])
+            await delete_topics(settings, [*settings.topics.all(), passthrough_topic])
         return BenchResult(
             count=count,
             partitions=settings.kafka.topic_partitions,
@@ -297,28 +218,6 @@ async def run_bench(
         )
     finally:
         infra.stop_started()
-
-
-async def _delete_keys(redis: aioredis.Redis, prefix: str) -> None:
-    batch: list[bytes] = []
-    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            await redis.unlink(*batch)
-            batch.clear()
-    if batch:
-        await redis.unlink(*batch)
-
-
-async def _delete_topics(settings: Settings, topics: Sequence[str]) -> None:
-    admin = make_admin(settings, client_id="bench-cleanup")
-    await admin.start()
-    try:
-        await admin.delete_topics(list(topics))
-    except Exception as e:  # cleanup is best effort: the figures are already measured
-        print(f"  note: could not delete the benchmark topics: {e!r}")
-    finally:
-        await admin.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

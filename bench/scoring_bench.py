@@ -37,31 +37,27 @@ import os
 import random
 import statistics
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from bench.legs import (
+    LegResult,
+    delete_keys,
+    delete_topics,
+    passthrough_transform,
+    run_leg,
+)
 from protos.fraud.v1 import transaction_pb2
 from services.scoring.service import ScoringMetrics, ScoringService
 from shared.config import Settings, TopicSettings, load_settings
 from shared.infra import ensure_infra
 from shared.kafka import (
-    ConsumerRecord,
-    OutputRecord,
-    StagedTransform,
-    Transform,
     ensure_topics,
-    make_admin,
-    make_consumer,
     make_producer,
-    make_transactional_producer,
-    run_exactly_once,
-    subscribe_exactly_once,
 )
 from shared.lifecycle import tune_gc_for_batches
 from shared.logging import configure_logging
@@ -78,28 +74,6 @@ __all__ = ["BenchResult", "main", "run_bench"]
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 TARGET_RATE = 10_000.0
 TARGET_RATIO = 0.25
-
-
-@dataclass(frozen=True)
-class LegResult:
-    name: str
-    records: int
-    seconds: float
-    cpu_seconds: float
-    batches: int
-    redis_cpu_seconds: float = 0.0  # Redis's main thread over the leg
-
-    @property
-    def redis_cpu_us_per_record(self) -> float:
-        return 1e6 * self.redis_cpu_seconds / self.records if self.records else 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def cpu_us_per_record(self) -> float:
-        return 1e6 * self.cpu_seconds / self.records if self.records else 0.0
 
 
 @dataclass(frozen=True)
@@ -195,88 +169,6 @@ async def _prefill(settings: Settings, payloads: Sequence[bytes]) -> None:
         await producer.stop()
 
 
-async def _run_leg(
-    settings: Settings,
-    name: str,
-    transform: Transform | StagedTransform[Any],
-    *,
-    count: int,
-    batch: int,
-    max_seconds: float,
-    on_commit: Any = None,
-    on_discard: Any = None,
-    redis: aioredis.Redis | None = None,
-) -> LegResult:
-    group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
-    producer = make_transactional_producer(settings, group)
-    consumer = make_consumer(settings, group_id=group, client_id=group, max_poll_records=batch)
-    await producer.start()
-    await consumer.start()
-    redis_start = await _redis_cpu(redis) if redis is not None else 0.0
-    cpu_start = time.process_time()
-    stop = asyncio.Event()
-    timer = asyncio.get_running_loop().call_later(max_seconds, stop.set)
-    first_start: float | None = None
-    last_end = 0.0
-    records = 0
-    batches = 0
-
-    def on_batch(records_in: int, records_out: int, seconds: float) -> None:
-        nonlocal first_start, last_end, records, batches
-        now = time.perf_counter()
-        if first_start is None:
-            first_start = now - seconds
-        last_end = now
-        records += records_in
-        batches += 1
-        if on_commit is not None:
-            on_commit(records_in, records_out, seconds)
-        if records >= count:
-            stop.set()
-
-    try:
-        gate = subscribe_exactly_once(consumer, [settings.topics.valid])
-        await run_exactly_once(
-            consumer=consumer,
-            producer=producer,
-            group_id=group,
-            transform=transform,
-            stop=stop,
-            batch_gate=gate,
-            max_records=batch,
-            on_batch=on_batch,
-            on_discard=on_discard,
-            pipeline_depth=settings.scoring.pipeline_depth,  # as the service runs; both legs alike
-        )
-    finally:
-        cpu_seconds = time.process_time() - cpu_start
-        timer.cancel()
-        await consumer.stop()
-        await producer.stop()
-    redis_seconds = await _redis_cpu(redis) - redis_start if redis is not None else 0.0
-    if records < count:
-        print(f"  warning: {name} committed {records} of {count} within {max_seconds} s")
-    return LegResult(
-        name, records, last_end - (first_start or last_end), cpu_seconds, batches, redis_seconds
-    )
-
-
-async def _redis_cpu(redis: aioredis.Redis) -> float:
-    """CPU seconds of Redis's main thread (it runs the scripts) since it started."""
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
-
-
-def _passthrough(out_topic: str) -> Transform:
-    async def transform(records: list[ConsumerRecord]) -> list[OutputRecord]:
-        return [
-            OutputRecord(topic=out_topic, value=r.value, key=r.key, timestamp_ms=r.timestamp)
-            for r in records
-        ]
-
-    return transform
-
-
 async def _memory_usage(redis: aioredis.Redis, keys: Sequence[str]) -> int:
     pipe = redis.pipeline(transaction=False)
     for key in keys:
@@ -360,19 +252,23 @@ async def run_bench(
                     assessments=assessments,
                     metrics=ScoringMetrics(CollectorRegistry()),
                 )
-                passthrough = await _run_leg(
+                passthrough = await run_leg(
                     settings,
                     "passthrough",
-                    _passthrough(passthrough_topic),
+                    passthrough_transform(passthrough_topic),
+                    source_topic=settings.topics.valid,
                     count=count,
+                    pipeline_depth=settings.scoring.pipeline_depth,  # as the service runs
                     batch=batch,
                     max_seconds=max_seconds,
                 )
-                scoring = await _run_leg(
+                scoring = await run_leg(
                     settings,
                     "scoring",
                     service.stages,
+                    source_topic=settings.topics.valid,
                     count=count,
+                    pipeline_depth=settings.scoring.pipeline_depth,  # as the service runs
                     batch=batch,
                     max_seconds=max_seconds,
                     on_commit=service.on_batch_committed,
@@ -401,34 +297,12 @@ async def run_bench(
                     )
         finally:
             for prefix in prefixes:
-                await _delete_keys(redis, prefix)
+                await delete_keys(redis, prefix)
             await redis.aclose()
-            await _delete_topics(settings, [*settings.topics.all(), passthrough_topic])
+            await delete_topics(settings, [*settings.topics.all(), passthrough_topic])
         return BenchResult(count, batch, accounts, rounds_run, memory)
     finally:
         infra.stop_started()
-
-
-async def _delete_keys(redis: aioredis.Redis, prefix: str) -> None:
-    batch: list[bytes] = []
-    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            await cast(Any, redis).unlink(*batch)
-            batch.clear()
-    if batch:
-        await cast(Any, redis).unlink(*batch)
-
-
-async def _delete_topics(settings: Settings, topics: Sequence[str]) -> None:
-    admin = make_admin(settings, client_id="bench-cleanup")
-    await admin.start()
-    try:
-        await admin.delete_topics(list(topics))
-    except Exception as e:  # cleanup is best effort: the figures are already measured
-        print(f"  note: could not delete the benchmark topics: {e!r}")
-    finally:
-        await admin.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

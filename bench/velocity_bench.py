@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from bench.legs import redis_cpu_s
 from shared.infra import LocalRedis
 from shared.scoring.features import (
     DAY_MS,
@@ -95,12 +96,6 @@ def make_workload(count: int, accounts: int, seed: int = 7) -> list[TxRecord]:
 
 def batches(txs: Sequence[TxRecord], size: int) -> list[Sequence[TxRecord]]:
     return [txs[i : i + size] for i in range(0, len(txs), size)]
-
-
-async def redis_cpu_s(redis: aioredis.Redis) -> float:
-    """CPU seconds of Redis's main thread (where scripts run) so far."""
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
 @dataclass(frozen=True)
