@@ -18,14 +18,16 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 from redis import exceptions as redis_errors
 
+from shared.errors import ConfigError
 from shared.logging import get_logger
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Startable",
     "add_run_options",
     "retry_until_ready",
+    "run_batch_service",
     "tune_gc_for_batches",
 ]
 
@@ -178,3 +181,31 @@ def tune_gc_for_batches() -> None:
     modules are imported and its configuration is loaded."""
     gc.freeze()
     gc.set_threshold(*BATCH_GC_THRESHOLDS)
+
+
+def run_batch_service(
+    name: str,
+    main: Coroutine[Any, Any, object],
+    *,
+    cannot_start: tuple[type[Exception], ...] = (ConfigError,),
+) -> int:
+    """Run a consumer service's main coroutine to its end; return the process's exit code.
+
+    0: it stopped (a signal, or a stop condition). 2: it cannot start with this configuration
+    (`cannot_start`), printed plainly too, because that is the message an operator needs
+    whatever the log format. 1: another instance took over our transactional id (it owns the
+    work now), or Kafka or Redis was still unreachable when the start-up timeout ran out.
+    """
+    try:
+        asyncio.run(main)
+    except cannot_start as e:
+        print(f"{name}: cannot start: {e}", file=sys.stderr)
+        log.error(f"{name}_cannot_start", error=str(e))
+        return 2
+    except ProducerFenced:
+        log.error(f"{name}_fenced_exiting")
+        return 1
+    except STARTUP_RETRYABLE as e:
+        log.error(f"{name}_dependency_unavailable", error=repr(e))
+        return 1
+    return 0

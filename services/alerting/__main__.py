@@ -17,8 +17,6 @@ import time
 from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka.errors import ProducerFenced
-
 from services.alerting.policy import parse_policy
 from services.alerting.service import AlertingStats, AlertTransform
 from services.alerting.webhook import WebhookSink, WebhookTarget
@@ -34,10 +32,10 @@ from shared.kafka import (
     transactional_id,
 )
 from shared.lifecycle import (
-    STARTUP_RETRYABLE,
     ServiceLifecycle,
     add_run_options,
     retry_until_ready,
+    run_batch_service,
     tune_gc_for_batches,
 )
 from shared.logging import configure_logging, get_logger
@@ -240,26 +238,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     tune_gc_for_batches()
     serve_metrics(SERVICE_NAME, settings.metrics_port)
-    try:
-        asyncio.run(
-            run_alerting(
-                settings,
-                max_batches=args.max_batches,
-                max_records=args.max_records,
-                max_seconds=args.max_seconds,
-                drain_timeout_s=args.drain_timeout,
-                startup_timeout_s=args.startup_timeout,
-                create_topics=not args.no_create_topics,
-            )
-        )
-    except ProducerFenced:
-        # Another instance took over our transactional id: it owns the work now.
-        log.error("alerting_fenced_exiting")
-        return 1
-    except STARTUP_RETRYABLE as e:
-        log.error("alerting_dependency_unavailable", error=repr(e))
-        return 1
-    return 0
+    return run_batch_service(
+        SERVICE_NAME,
+        run_alerting(
+            settings,
+            max_batches=args.max_batches,
+            max_records=args.max_records,
+            max_seconds=args.max_seconds,
+            drain_timeout_s=args.drain_timeout,
+            startup_timeout_s=args.startup_timeout,
+            create_topics=not args.no_create_topics,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka.errors import ProducerFenced
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.ingest.dedup import Deduplicator
@@ -31,10 +30,10 @@ from shared.kafka import (
     transactional_id,
 )
 from shared.lifecycle import (
-    STARTUP_RETRYABLE,
     ServiceLifecycle,
     add_run_options,
     retry_until_ready,
+    run_batch_service,
     tune_gc_for_batches,
 )
 from shared.logging import configure_logging, get_logger
@@ -180,28 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     tune_gc_for_batches()
     serve_metrics(SERVICE_NAME, settings.metrics_port)
-    try:
-        asyncio.run(
-            run_ingest(
-                settings,
-                max_batches=args.max_batches,
-                max_records=args.max_records,
-                max_seconds=args.max_seconds,
-                startup_timeout_s=args.startup_timeout,
-                create_topics=not args.no_create_topics,
-            )
-        )
-    except ProducerFenced:
-        # Another instance took over our transactional id: it owns the work now.
-        log.error("ingest_fenced_exiting")
-        return 1
-    except ConfigError as e:
-        log.error("ingest_config_error", error=str(e))
-        return 2
-    except STARTUP_RETRYABLE as e:
-        log.error("ingest_dependency_unavailable", error=repr(e))
-        return 1
-    return 0
+    return run_batch_service(
+        SERVICE_NAME,
+        run_ingest(
+            settings,
+            max_batches=args.max_batches,
+            max_records=args.max_records,
+            max_seconds=args.max_seconds,
+            startup_timeout_s=args.startup_timeout,
+            create_topics=not args.no_create_topics,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from aiokafka.errors import ProducerFenced
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.scoring.labels import LabelMetrics, LabelProcessor, LabelStats, run_label_loop
@@ -45,10 +44,10 @@ from shared.kafka import (
     transactional_id,
 )
 from shared.lifecycle import (
-    STARTUP_RETRYABLE,
     ServiceLifecycle,
     add_run_options,
     retry_until_ready,
+    run_batch_service,
     tune_gc_for_batches,
 )
 from shared.logging import configure_logging, get_logger
@@ -304,31 +303,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     tune_gc_for_batches()
     serve_metrics(SERVICE_NAME, settings.metrics_port)
-    try:
-        asyncio.run(
-            run_scoring(
-                settings,
-                max_batches=args.max_batches,
-                max_records=args.max_records,
-                max_seconds=args.max_seconds,
-                startup_timeout_s=args.startup_timeout,
-                create_topics=not args.no_create_topics,
-                labels=not args.no_labels,
-            )
-        )
-    except (ConfigError, RulesFileError, ModelFileError) as e:
-        # Also printed plainly: this is the message an operator needs, whatever the log format.
-        print(f"scoring: cannot start: {e}", file=sys.stderr)
-        log.error("scoring_cannot_start", error=str(e))
-        return 2
-    except ProducerFenced:
-        # Another instance took over our transactional id: it owns the work now.
-        log.error("scoring_fenced_exiting")
-        return 1
-    except STARTUP_RETRYABLE as e:
-        log.error("scoring_dependency_unavailable", error=repr(e))
-        return 1
-    return 0
+    return run_batch_service(
+        SERVICE_NAME,
+        run_scoring(
+            settings,
+            max_batches=args.max_batches,
+            max_records=args.max_records,
+            max_seconds=args.max_seconds,
+            startup_timeout_s=args.startup_timeout,
+            create_topics=not args.no_create_topics,
+            labels=not args.no_labels,
+        ),
+        cannot_start=(ConfigError, RulesFileError, ModelFileError),
+    )
 
 
 if __name__ == "__main__":
