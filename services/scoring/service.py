@@ -398,7 +398,7 @@ class ScoringService:
                 ingested_at_ms=timestamps,
                 scored_at_ms=now_ms,
             )
-            decisions = [a.decision for a in result.assessments]
+            decisions = result.decisions
             await self._assessments.write_encoded(
                 [
                     AssessmentEntry(

@@ -147,6 +147,7 @@ class BatchAssessment:
     levels: list[int]  # index into (APPROVE, REVIEW, DECLINE)
     rule_reasons: tuple[Reason, ...]  # active rules in file order, then shadow ones
     rule_hits: dict[int, list[int]]  # row -> indices into rule_reasons, ranked; no hit: absent
+    rule_hit_totals: list[int]  # per rule, in the rules file's order: rows it fired on
     system_reasons: dict[int, Reason]  # row -> FEATURES_NOT_FINITE
     model_start: list[int]  # n + 1 offsets
     model_feature: list[int]
@@ -458,6 +459,7 @@ def assess_columns(
         levels=level.tolist(),
         rule_reasons=rule_reasons,
         rule_hits=rule_hits,
+        rule_hit_totals=hits.sum(axis=1).tolist(),
         system_reasons=system_reasons,
         model_start=model_start,
         model_feature=model_feature,

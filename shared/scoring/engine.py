@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import numpy as np
@@ -176,7 +176,6 @@ class EngineResult:
     rules: RuleSet
     model: ModelArtifact
     assessed: BatchAssessment  # the same, as columns: what the encoder reads
-    _hit_counts: dict[tuple[str, RuleMode], int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.assessments)
@@ -191,18 +190,14 @@ class EngineResult:
         return self.assessed.decisions
 
     def rule_hit_counts(self) -> dict[tuple[str, RuleMode], int]:
-        """(rule name, mode) -> rows it fired on, for metrics. Evaluates the pinned rules once
-        more over the batch (a few numpy operations per rule): `assess_columns` does not return
-        its hit matrix, and counting reason codes would merge rules that share a code."""
-        if self._hit_counts is None:
-            counts: dict[tuple[str, RuleMode], int] = {}
-            if self.rules.rules and len(self.assessments):
-                totals = self.rules.evaluate(self.features).matrix.sum(axis=1).tolist()
-                for rule, total in zip(self.rules.rules, totals, strict=True):
-                    counts[(rule.name, rule.mode)] = int(total)
-            object.__setattr__(self, "_hit_counts", counts)
-            return counts
-        return self._hit_counts
+        """(rule name, mode) -> rows it fired on, for metrics (by rule, not by reason code:
+        rules may share a code)."""
+        if not len(self.assessments):
+            return {}
+        return {
+            (rule.name, rule.mode): total
+            for rule, total in zip(self.rules.rules, self.assessed.rule_hit_totals, strict=True)
+        }
 
 
 # --- the engine -------------------------------------------------------------------------------
