@@ -30,6 +30,7 @@ are not part of any batch's outcome.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ from shared.dlq import (
 )
 from shared.kafka import ConsumerRecord, OutputRecord, StagedTransform
 from shared.logging import get_logger
-from shared.scoring.assessments import AssessmentEntry, AssessmentStore
+from shared.scoring.assessments import AssessmentEntry, AssessmentStore, FirstApplication
 from shared.scoring.decision import Assessment, Decision
 from shared.scoring.engine import DECISION_TO_PROTO, ReloadOutcome, ScoringEngine
 from shared.scoring.features import APPLIED, DUPLICATE, LATE, RAW_COLUMNS, TxRecord, VelocityBatch
@@ -115,6 +116,34 @@ def decode_valid(record: ConsumerRecord) -> tuple[transaction_pb2.Transaction, T
         return tx, TxRecord.from_proto(tx)
     except ValueError as e:  # an event time outside [0, 2**44) ms
         raise UnscorableRecord("INVALID_FIELD", str(e), "event_time") from None
+
+
+_PREV_MS = RAW_COLUMNS.index("prev_event_ms")
+_COUNT_30D = RAW_COLUMNS.index("count_30d")
+
+
+def first_applications(velocity: VelocityBatch) -> list[FirstApplication | None]:
+    """Per transaction, the facts the assessment store's fast path needs when the velocity store
+    applied it for the first time in this batch (status APPLIED); None otherwise (a replay: the
+    store then reads before it writes) and when the store did not report `newest`."""
+    n = len(velocity)
+    if velocity.newest is None:
+        return [None] * n
+    raw = velocity.raw
+    applied = (raw[:, 0] == APPLIED).tolist()
+    newest = velocity.newest.tolist()
+    previous = raw[:, _PREV_MS].tolist()
+    count_30d = raw[:, _COUNT_30D].tolist()
+    return [
+        FirstApplication(
+            in_order=newest[i],
+            previous_ms=None if math.isnan(previous[i]) else int(previous[i]),
+            count_30d=int(count_30d[i]),
+        )
+        if applied[i]
+        else None
+        for i in range(n)
+    ]
 
 
 def _printable(value: str) -> str:
@@ -399,6 +428,7 @@ class ScoringService:
                 scored_at_ms=now_ms,
             )
             decisions = result.decisions
+            firsts = first_applications(velocity)
             await self._assessments.write_encoded(
                 [
                     AssessmentEntry(
@@ -407,9 +437,10 @@ class ScoringService:
                         event_ms=rec.event_ms,
                         decision=DECISION_TO_PROTO[decision],
                         payload=enc.core,
+                        first=first,
                     )
-                    for tx, rec, decision, enc in zip(
-                        txs, tx_records, decisions, encoded, strict=True
+                    for tx, rec, decision, enc, first in zip(
+                        txs, tx_records, decisions, encoded, firsts, strict=True
                     )
                 ]
             )
@@ -462,7 +493,7 @@ class ScoringService:
         first, bad_first = await self._apply_isolating(records[:middle])
         second, bad_second = await self._apply_isolating(records[middle:])
         poisoned = {**bad_first, **{middle + i: err for i, err in bad_second.items()}}
-        return VelocityBatch(np.vstack([first.raw, second.raw])), poisoned
+        return VelocityBatch.concat([first, second]), poisoned
 
     @staticmethod
     def _log_declines(

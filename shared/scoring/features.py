@@ -57,7 +57,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, overload
+from typing import Any, Final, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -513,12 +513,18 @@ class VelocityBatch(Sequence[VelocityResult]):
     """The results of one batch: a (n, len(RAW_COLUMNS)) float64 matrix, viewed as a sequence of
     `VelocityResult`s. The scoring hot path hands `raw` to numpy and never builds the objects."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("newest", "raw")
 
-    def __init__(self, raw: FloatArray) -> None:
+    def __init__(self, raw: FloatArray, newest: BoolArray | None = None) -> None:
         if raw.ndim != 2 or raw.shape[1] != len(RAW_COLUMNS):
             raise ValueError(f"raw must have shape (n, {len(RAW_COLUMNS)}), got {raw.shape}")
+        if newest is not None and newest.shape != (raw.shape[0],):
+            raise ValueError(f"newest must have shape ({raw.shape[0]},), got {newest.shape}")
         self.raw = raw
+        # Per transaction, when the store reports it (apply_batch does): whether it was its
+        # account's newest when the store saw it (no later transaction of the account had
+        # been applied before it). Not a feature: the assessment store's fast path uses it.
+        self.newest = newest
 
     def __len__(self) -> int:
         return int(self.raw.shape[0])
@@ -531,7 +537,9 @@ class VelocityBatch(Sequence[VelocityResult]):
 
     def __getitem__(self, index: int | slice) -> VelocityResult | VelocityBatch:
         if isinstance(index, slice):
-            return VelocityBatch(self.raw[index])
+            return VelocityBatch(
+                self.raw[index], None if self.newest is None else self.newest[index]
+            )
         return VelocityResult.from_row(self.raw[index])
 
     def __iter__(self) -> Iterator[VelocityResult]:
@@ -541,6 +549,16 @@ class VelocityBatch(Sequence[VelocityResult]):
     @property
     def statuses(self) -> IntArray:
         return self.raw[:, 0].astype(np.int64)
+
+    @classmethod
+    def concat(cls, batches: Sequence[VelocityBatch]) -> VelocityBatch:
+        """The batches one after the other (`newest` only when every one has it)."""
+        raw = np.vstack([b.raw for b in batches]) if batches else np.empty((0, len(RAW_COLUMNS)))
+        flags = [b.newest for b in batches]
+        newest = None
+        if batches and all(f is not None for f in flags):
+            newest = np.concatenate(cast(list[BoolArray], flags))
+        return cls(raw, newest)
 
     @classmethod
     def from_results(cls, results: Iterable[VelocityResult]) -> VelocityBatch:

@@ -37,7 +37,13 @@ from shared.dlq import DLQ_HEADER_CODE, DLQ_HEADER_SOURCE_OFFSET, DLQ_HEADER_SOU
 from shared.kafka import make_admin, make_consumer, make_transactional_producer
 from shared.kafka import transactional_id as make_transactional_id
 from shared.redis_client import make_redis
-from shared.scoring.assessments import AssessmentStore, LabelStatus
+from shared.scoring.assessments import (
+    AssessmentEntry,
+    AssessmentStore,
+    FirstApplication,
+    LabelStatus,
+    entry_of,
+)
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.features import DAY_MS, FEATURE_NAMES
 from shared.scoring.model import ModelArtifact, ModelError, save_model
@@ -763,6 +769,102 @@ async def test_assessment_store_prunes_decisions_to_the_cap(
     # Old decisions leave by event time too.
     await store.write_batch([scored(make_tx(1000, account="busy", at_ms=BASE_MS + 40 * DAY_MS), 1)])
     assert await hlen(redis, store.decisions_key("busy")) == 1 + 4
+
+
+def applied(
+    tx: transaction_pb2.Transaction,
+    decision: int,
+    *,
+    in_order: bool = True,
+    previous_ms: int | None = None,
+    count_30d: int = 1,
+) -> AssessmentEntry:
+    """The entry the scoring service writes for a transaction the velocity store applied for
+    the first time: the fast path."""
+    return dataclasses.replace(
+        entry_of(scored(tx, decision)),
+        first=FirstApplication(in_order=in_order, previous_ms=previous_ms, count_30d=count_30d),
+    )
+
+
+async def test_fast_path_writes_decisions_latest_and_expiry_without_reading(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    store = AssessmentStore(redis, settings.redis_key_prefix)
+    t0 = make_tx(0, account="f", at_ms=BASE_MS)
+    t1 = make_tx(1, account="f", at_ms=BASE_MS + 1000)
+    replaced = await store.write_encoded(
+        [applied(t0, 1), applied(t1, 2, previous_ms=BASE_MS, count_30d=2)]
+    )
+    assert replaced == 1
+    latest = await store.latest("f")
+    assert latest is not None and latest.transaction == t1 and len(latest.features) == 0
+    assert 0 < await redis.pttl(store.decisions_key("f")) <= store.ttl_ms  # a new account
+    assert 0 < await redis.pttl(store.latest_key("f")) <= store.ttl_ms
+    # An out-of-order transaction (a later one was applied before it) is recorded but does not
+    # become the latest; the careful path (a replay of t1) keeps it too.
+    late = make_tx(2, account="f", at_ms=BASE_MS + 500)
+    assert await store.write_encoded([applied(late, 3, in_order=False, previous_ms=BASE_MS)]) == 0
+    await store.write_batch([scored(t1, 2)])
+    latest = await store.latest("f")
+    assert latest is not None and latest.transaction.transaction_id == "tx-1"
+    record = await store.decision_of("f", "tx-2")
+    assert record is not None and record.decision == 3 and record.label is None
+    # Labels find fast-path decisions, and a later careful rewrite keeps the label.
+    (first,) = await store.match_labels([("f", "tx-1", True)])
+    assert first.status == LabelStatus.FIRST and first.event_ms == BASE_MS + 1000
+    await store.write_batch([scored(t1, 2)])
+    (again,) = await store.match_labels([("f", "tx-1", True)])
+    assert again.status == LabelStatus.REPEATED
+    # The careful path compares with the pointer the fast path left: an older replay does not
+    # hide the newest.
+    await store.write_batch([scored(t0, 1)])
+    latest = await store.latest("f")
+    assert latest is not None and latest.transaction.transaction_id == "tx-1"
+
+
+async def test_fast_path_and_careful_path_share_one_round_trip(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    store = AssessmentStore(redis, settings.redis_key_prefix)
+    fast = [applied(make_tx(i, account=f"fast-{i}"), 1) for i in range(3)]
+    careful = [entry_of(scored(make_tx(10 + i, account=f"careful-{i}"), 2)) for i in range(2)]
+    assert await store.write_encoded([*fast, *careful]) == 5
+    for entry in [*fast, *careful]:
+        latest = await store.latest(entry.account_id)
+        assert latest is not None and latest.transaction.transaction_id == entry.transaction_id
+
+
+async def test_fast_path_prunes_to_the_cap_and_by_event_time(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A burst: the account's 30-day count passes the cap, and the decisions are pruned every
+    quarter of the cap; then a day later, the decisions past the retention go."""
+    store = AssessmentStore(redis, settings.redis_key_prefix, decision_cap=64)
+    previous = None
+    for start in range(0, 400, 50):
+        batch = []
+        for i in range(start, start + 50):
+            at = BASE_MS + i * 1000
+            batch.append(
+                applied(
+                    make_tx(i, account="burst", at_ms=at), 1, previous_ms=previous, count_30d=i + 1
+                )
+            )
+            previous = at
+        await store.write_encoded(batch)
+    fields = await hlen(redis, store.decisions_key("burst"))
+    # 64 + what a quarter of the cap and one batch can add, plus the pointer and the two
+    # marks the pruning leaves
+    assert fields <= 64 + 16 + 50 + 3
+    assert await store.decision_of("burst", "tx-399") is not None
+    assert await store.decision_of("burst", "tx-0") is None
+    far = BASE_MS + 40 * DAY_MS
+    await store.write_encoded(
+        [applied(make_tx(1000, account="burst", at_ms=far), 1, previous_ms=previous, count_30d=1)]
+    )
+    # only the new decision and the bookkeeping fields are left
+    assert await hlen(redis, store.decisions_key("burst")) == 1 + 3
 
 
 async def test_slot_mode_writes_the_same_as_batch_mode(
