@@ -51,7 +51,8 @@ spans slots only runs on a single Redis. `call_mode="slot"` groups the calls by 
 each stays within one slot (what Redis Cluster requires; a cluster client routing per slot is not
 wired here). `call_mode="per_tx"` is one call per transaction and per terminal, the baseline
 the benchmark compares with. The commands are packed by hiredis and written on a pooled
-connection directly: redis-py 5.2's asyncio packer was the largest client cost (~10 us/tx).
+connection directly (`shared.redis_packing.send_pipeline`): redis-py 5.2's asyncio packer was
+the largest client cost (~10 us/tx).
 
 Errors: Redis errors propagate (redis.exceptions.RedisError); every call is idempotent, so the
 caller retries the whole batch. NOSCRIPT (Redis restarted or flushed its scripts) is handled here:
@@ -62,19 +63,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final, Literal, cast
+from typing import Final, Literal
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from shared.config import Settings
 from shared.redis_client import account_key, terminal_key
+from shared.redis_packing import send_pipeline
 from shared.scoring.features import (
     DAY_MS,
     DEFAULT_CONFIG,
@@ -84,6 +85,7 @@ from shared.scoring.features import (
     QUARTER_MS,
     RAW_COLUMNS,
     UNKNOWN_ACCOUNT,
+    BoolArray,
     FloatArray,
     LabelRecord,
     TxRecord,
@@ -110,6 +112,7 @@ def render_script(name: str, config: VelocityConfig) -> str:
         "PRUNE_EVERY_MS": config.prune_every_ms,
         "INDEX_PRUNE_EVERY_MS": config.index_prune_every_ms,
         "TTL_MS": config.ttl_ms,
+        "LABEL_DELAY_MS": config.label_delay_ms,
         "TTL_REFRESH_MS": config.ttl_refresh_ms,
         "SCAN_K": config.late_scan,
         "QUARTER_RETENTION": config.quarter_retention,
@@ -148,26 +151,6 @@ class _Call:
     keys: list[str]
     args: list[str]
     rows: list[int]  # the batch positions the reply's rows belong to, in order
-
-
-_hiredis_pack: Callable[[tuple[str | int, ...]], bytes] | None
-try:
-    import hiredis
-
-    _hiredis_pack = cast(Callable[[tuple[str | int, ...]], bytes], hiredis.pack_command)
-except ImportError:  # pragma: no cover - hiredis is a declared dependency (redis[hiredis])
-    _hiredis_pack = None
-
-
-def _pack(command: tuple[str | int, ...]) -> bytes:
-    """One command in the Redis protocol (RESP)."""
-    if _hiredis_pack is not None:
-        return _hiredis_pack(command)
-    parts = [f"*{len(command)}\r\n".encode()]
-    for arg in command:
-        data = arg.encode() if isinstance(arg, str) else str(arg).encode()
-        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
 
 
 class VelocityStore:
@@ -247,7 +230,7 @@ class VelocityStore:
         args = ["S", "1", "", *_time_fields(now), "0", "", "", "", ""]
         call = _Call(self._account, keys, args, [0])
         (reply,) = await self._execute([call])
-        row = _rows(reply, N_ACCOUNT, 1)[0]
+        row = _account_rows(reply, 1)[0][0]
         if int(row[0]) == UNKNOWN_ACCOUNT:
             return None
         return VelocitySnapshot.from_row(account_id, int(now_ms), [float(x) for x in row])
@@ -312,14 +295,17 @@ class VelocityStore:
         raw[:, N_ACCOUNT] = NO_TERMINAL
         if n == 0:
             return VelocityBatch(raw)
+        newest = np.zeros(n, dtype=np.bool_)
         calls = self._account_calls(txs, mode) + self._terminal_calls(txs, mode)
         replies = await self._execute(calls)
         for call, reply in zip(calls, replies, strict=True):
             if call.script is self._account:
-                raw[call.rows, :N_ACCOUNT] = _rows(reply, N_ACCOUNT, len(call.rows))
+                rows, flags = _account_rows(reply, len(call.rows))
+                raw[call.rows, :N_ACCOUNT] = rows
+                newest[call.rows] = flags
             else:
                 raw[call.rows, N_ACCOUNT:] = _rows(reply, N_TERMINAL, len(call.rows))
-        return VelocityBatch(raw)
+        return VelocityBatch(raw, newest)
 
     def _groups(
         self,
@@ -379,7 +365,6 @@ class VelocityStore:
         calls: list[_Call] = []
         if not positions:
             return calls
-        delay = self.config.label_delay_ms
         terminal_keys = self.terminal_keys
         for group in self._groups(positions, lambda i: txs[i].terminal_id, "term"):
             index: dict[str, str] = {}
@@ -400,8 +385,7 @@ class VelocityStore:
                         number,
                         tx.transaction_id,
                         ms if len(ms) == 13 else ms.zfill(13),
-                        str(t // DAY_MS),
-                        str((t - delay) // DAY_MS),
+                        f"b{t // DAY_MS}",  # the script computes the days from the ms
                     )
                 )
             calls.append(_Call(self._terminal, keys, parts, group))
@@ -413,7 +397,8 @@ class VelocityStore:
         replies: list[object] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(3):
-            results = await self._pipeline(
+            results = await send_pipeline(
+                self._redis,
                 [
                     ("EVALSHA", calls[j].script.sha, len(calls[j].keys), *calls[j].keys,
                      *calls[j].args)
@@ -439,36 +424,11 @@ class VelocityStore:
             out.append(reply)
         return out
 
-    async def _pipeline(self, commands: list[tuple[str | int, ...]]) -> list[object]:
-        """Send `commands` in one write and read every reply (a ResponseError in its place).
 
-        redis-py 5.2's asyncio client packs commands in Python, re-copying a growing buffer for
-        every argument: with every key of a 500-transaction batch declared, that was ~10 us of
-        client CPU per transaction, the largest share. hiredis packs the same in C in ~0.5 us.
-        """
-        pool = self._redis.connection_pool
-        # redis-py leaves get_connection unannotated
-        get_connection = cast(Callable[[str], Awaitable[Connection]], pool.get_connection)
-        conn = await get_connection("EVALSHA")
-        try:
-            await conn.send_packed_command([_pack(command) for command in commands])
-            results: list[object] = []
-            for _ in commands:
-                try:
-                    results.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as error:  # read on: the connection stays in step
-                    results.append(error)
-            return results
-        except BaseException:
-            # cancelled or broken halfway: replies may be pending, never reuse the connection
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-
-
-def _time_fields(t: int) -> tuple[str, str, str, str]:
-    """An account entry's time fields: ms and ms - 24 h + 1 (13 digits), 6 h and day bucket."""
+def _time_fields(t: int) -> tuple[str, str, str, str, str]:
+    """An account entry's time fields: ms and ms - 24 h + 1 (13 digits); the field names of its
+    6 h and day buckets, and of the 6 h bucket that leaves the 7 d window when it moves the
+    window by one bucket (the script reads it with the meta)."""
     # str() and a length test: a third of the cost of f"{t:013d}" (times are 13 digits since
     # 2001); zfill pads the others
     ms, lo = str(t), str(t - _DAY_LESS_1)
@@ -476,7 +436,8 @@ def _time_fields(t: int) -> tuple[str, str, str, str]:
         ms = ms.zfill(13)
     if len(lo) != 13:
         lo = f"{max(0, t - _DAY_LESS_1):013d}"
-    return ms, lo, str(t // QUARTER_MS), str(t // DAY_MS)
+    q, d = t // QUARTER_MS, t // DAY_MS
+    return ms, lo, f"q{q}", f"d{d}", f"q{q - 28}"
 
 
 def _rows(reply: bytes, width: int, count: int) -> FloatArray:
@@ -484,6 +445,15 @@ def _rows(reply: bytes, width: int, count: int) -> FloatArray:
     if rows.size != width * count:
         raise ValueError(f"velocity script returned {rows.size} values, expected {width * count}")
     return rows.reshape(count, width)
+
+
+def _account_rows(reply: bytes, count: int) -> tuple[FloatArray, BoolArray]:
+    """The account script's reply: `count` rows, then one "newest" byte per row."""
+    size = count * N_ACCOUNT * 8
+    if len(reply) != size + count:
+        raise ValueError(f"account script returned {len(reply)} bytes, expected {size + count}")
+    flags = np.frombuffer(reply, dtype=np.uint8, offset=size) == 1
+    return _rows(reply[:size], N_ACCOUNT, count), flags
 
 
 def _glob_escape(text: str) -> str:

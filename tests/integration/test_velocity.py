@@ -188,6 +188,7 @@ async def test_the_store_computes_what_the_reference_recomputes_from_the_list(
     cuts = data.draw(st.lists(st.booleans(), min_size=len(events), max_size=len(events)))
     store = VelocityStore(redis, f"{namespace}:{uuid.uuid4().hex[:6]}", config, call_mode=mode)
     model = ReferenceVelocity(config)
+    watermark: dict[str, int] = {}  # per account, the newest event time applied so far
     try:
         history: list[Event] = []
         for chunk in chunks(events, cuts):
@@ -201,6 +202,13 @@ async def test_the_store_computes_what_the_reference_recomputes_from_the_list(
             got = await store.apply_batch(txs)
             expected = [model.apply(x) for x in txs]
             assert list(got) == expected  # exact: integer counts and sums, the same doubles
+            # "newest": nothing later of the account had been applied when it was reached
+            assert got.newest is not None
+            for record, result, newest in zip(txs, got, got.newest.tolist(), strict=True):
+                mark = watermark.get(record.account_id)
+                assert newest == (mark is None or record.event_ms >= mark), record
+                if result.status == APPLIED:
+                    watermark[record.account_id] = max(mark or 0, record.event_ms)
             assert same_values(peeked[0], got[0])  # a peek is what the application returns
             # the features, against a recomputation from the raw list of everything before
             matrix = build_feature_matrix(TransactionView.from_records(txs), got)
@@ -300,6 +308,26 @@ async def test_ids_evicted_by_the_cap_leave_the_running_totals(
         assert after.count_30d == 9  # buckets are not capped
     finally:
         await store.clear()
+
+
+async def test_newest_tells_whether_anything_later_was_applied_before(
+    store: VelocityStore,
+) -> None:
+    first = TxRecord("t1", "acct", T0, 1000)
+    second = TxRecord("t2", "acct", T0 + HOUR_MS, 1000)
+    between = TxRecord("t3", "acct", T0 + MINUTE_MS, 1000)  # late, but within the tolerance
+    batch = await store.apply_batch([first, second, between])
+    assert batch.newest is not None and batch.newest.tolist() == [True, True, False]
+    assert [r.status for r in batch] == [APPLIED, APPLIED, APPLIED]
+    # replays: the newest is still the newest, the others are not
+    again = await store.apply_batch([second, first])
+    assert again.newest is not None and again.newest.tolist() == [True, False]
+    assert [r.status for r in again] == [DUPLICATE, DUPLICATE]
+    # peeks and batch slices carry it too
+    peeked = await store.peek_batch([TxRecord("t4", "acct", T0 + 2 * HOUR_MS, 1)])
+    assert peeked.newest is not None and peeked.newest.tolist() == [True]
+    sliced = batch[1:]
+    assert sliced.newest is not None and sliced.newest.tolist() == [True, False]
 
 
 async def test_a_replay_older_than_retention_is_never_counted_twice(
@@ -614,5 +642,30 @@ async def test_a_sparse_account_reads_and_prunes_nothing_it_need_not(
         bound = np.frombuffer(bytes(m3), dtype="<f8")[7]
         assert bound == T0 - 1  # every member is later than the first transaction
         assert await redis.zcard(store.account_keys("sparse")[2]) == len(txs)
+    finally:
+        await store.clear()
+
+
+async def test_buckets_leaving_the_windows_are_read_for_every_gap(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    """The 6 h bucket that leaves the 7 d window when a transaction moves it by one bucket is
+    read with the meta; longer gaps (several buckets, days leaving the 30 d window, a gap past
+    the window) read the rest in a second call: every total is the reference's."""
+    store = VelocityStore(redis, namespace)
+    model = ReferenceVelocity()
+    quarter = 6 * HOUR_MS
+    gaps = [quarter, quarter + 1, 2 * quarter, 3 * quarter - 1, DAY_MS, 3 * DAY_MS, 8 * DAY_MS]
+    rnd = random.Random(5)
+    t, txs = T0, []
+    for i in range(120):  # ~45 days: buckets leave both windows, by one and by many
+        t += rnd.choice([*gaps, quarter, quarter, 2 * quarter, 5 * MINUTE_MS])
+        txs.append(TxRecord(f"g{i}", "gaps", t, rnd.randint(1, 90_000), merchant_id="m"))
+    try:
+        for tx in txs:
+            assert list(await store.apply_batch([tx])) == [model.apply(tx)]
+        for probe_gap in gaps:
+            probe = TxRecord("probe", "gaps", t + probe_gap, 1)
+            assert list(await store.peek_batch([probe])) == [model.peek(probe)]
     finally:
         await store.clear()

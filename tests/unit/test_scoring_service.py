@@ -22,13 +22,17 @@ from services.scoring.labels import LabelMetrics, LabelProcessor, cell_of
 from services.scoring.service import (
     ScoringMetrics,
     ScoringService,
+    first_applications,
 )
 from shared.config import TopicSettings
 from shared.dlq import DLQ_HEADER_CODE, DLQ_HEADER_SOURCE_OFFSET
-from shared.scoring.assessments import AssessmentEntry, LabelMatch, LabelStatus
+from shared.scoring.assessments import AssessmentEntry, FirstApplication, LabelMatch, LabelStatus
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.features import (
+    APPLIED,
+    DUPLICATE,
     FEATURE_NAMES,
+    RAW_COLUMNS,
     LabelRecord,
     ReferenceVelocity,
     TxRecord,
@@ -328,3 +332,21 @@ def test_cells() -> None:
     assert cell_of(scoring_pb2.DECISION_REVIEW, False) == "fp"
     assert cell_of(scoring_pb2.DECISION_APPROVE, True) == "fn"
     assert cell_of(scoring_pb2.DECISION_APPROVE, False) == "tn"
+
+
+def test_first_applications_come_from_the_velocity_statuses_and_flags() -> None:
+    """Only a transaction the store applied now takes the assessment store's fast path, with
+    the store's newest flag, previous transaction and 30-day count; a replay (DUPLICATE) and a
+    batch whose store reported no flags take the careful path (None)."""
+    raw = np.zeros((3, len(RAW_COLUMNS)))
+    column = RAW_COLUMNS.index
+    raw[:, 0] = [APPLIED, DUPLICATE, APPLIED]
+    raw[:, column("prev_event_ms")] = [np.nan, 5_000.0, 7_000.0]
+    raw[:, column("count_30d")] = [1, 4, 9]
+    flagged = VelocityBatch(raw, np.array([True, True, False]))
+    assert first_applications(flagged) == [
+        FirstApplication(in_order=True, previous_ms=None, count_30d=1),
+        None,
+        FirstApplication(in_order=False, previous_ms=7_000, count_30d=9),
+    ]
+    assert first_applications(VelocityBatch(raw)) == [None, None, None]

@@ -13,10 +13,11 @@
 --                    result (a replay returns it unchanged)
 --          vr  hash  <txid> -> stored result of a LATE transaction (rare: usually absent)
 -- ARGV[1]: "A" apply, "P" peek (no writes), "L" labels
--- ARGV[2..]: the entries, five arguments each. Transactions: terminal number (1-based, into
---          KEYS / 4), transaction id, event ms (13 digits), its day, the day the delayed windows
---          end at (day of ms - delay). Labels: terminal number, transaction id, "1" fraud or "0"
---          not, the labeled transaction's event ms, its day.
+-- ARGV[2..]: the entries. Transactions, four arguments each: terminal number (1-based, into
+--          KEYS / 4), transaction id, event ms (13 digits), the field name of its day ("b<day>";
+--          the days themselves are computed from the ms, no tonumber). Labels, five each:
+--          terminal number, transaction id, "1" fraud or "0" not, the labeled transaction's
+--          event ms, its day.
 -- Returns: A/P: per entry 7 little-endian doubles (status, count 1/7/30 d, fraud 1/7/30 d);
 --          L: per entry 1 double (1 when the label changed the counts, else 0).
 --
@@ -27,6 +28,8 @@
 -- (one member is the newest: pruning and the cap take the oldest first), and nothing is pruned
 -- or expired twice for a new terminal. The meta and the running totals are locals, not tables
 -- (a table with named fields grows by rehashing): ~20% less Redis CPU per entry than with them.
+-- A transaction's days are floors of its ms (not tonumber of arguments: two strtod each) and a
+-- PEXPIRE's TTL is a string (no number formatted): ~3.5% fewer instructions per entry.
 
 local LATE = __LATE_MS__
 local ID_CAP = __TERMINAL_ID_CAP__
@@ -35,7 +38,8 @@ local LABEL_CAP = __LABEL_CAP__
 local R_T = __TERMINAL_DAY_RETENTION__
 local PRUNE_EVERY = __PRUNE_EVERY_MS__
 local INDEX_PRUNE_EVERY = __INDEX_PRUNE_EVERY_MS__
-local TTL = __TTL_MS__
+local TTL = "__TTL_MS__" -- a string: PEXPIRE then formats no number
+local DELAY = __LABEL_DELAY_MS__
 local TTL_REFRESH = __TTL_REFRESH_MS__
 
 local DAY = 86400000
@@ -114,9 +118,10 @@ local function add_day(dw, day, c, f, n1, n7, n30, f1, f7, f30)
   return n1, n7, n30, f1, f7, f30
 end
 
-local function tx_entry(kc, kz, kt, kr, txid, t_s, bt_s, dd_s)
-  local t, bt, dd = tonumber(t_s), tonumber(bt_s), tonumber(dd_s)
-  local bname = "b" .. bt_s
+local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
+  -- t is a whole number below 2^53: the floors are exact (the client's // DAY)
+  local t = tonumber(t_s)
+  local bt, dd = floor(t / DAY), floor((t - DELAY) / DAY)
   local m = call("HMGET", kc, "M1", "M2", bname)
   local wm0, fl, lf, np, vp, tn, zn, xn, dw, n1, n7, n30, f1, f7, f30, xp = read_meta(m[1], m[2])
 
@@ -444,11 +449,11 @@ if MODE == "L" then
     i = i + 5
   end
 else
-  while i + 4 <= nf do
+  while i + 3 <= nf do
     local base = (tonumber(F[i]) - 1) * 4
     out[#out + 1] = tx_entry(KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4],
-      F[i + 1], F[i + 2], F[i + 3], F[i + 4])
-    i = i + 5
+      F[i + 1], F[i + 2], F[i + 3])
+    i = i + 4
   end
 end
 return table.concat(out)
