@@ -62,7 +62,7 @@ from shared.kafka import (
 from shared.lifecycle import tune_gc_for_batches
 from shared.logging import configure_logging
 from shared.redis_client import make_redis
-from shared.redis_packing import use_hiredis_packing
+from shared.redis_packing import OrderedConnection, use_hiredis_packing
 from shared.scoring.assessments import AssessmentStore
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.velocity import VelocityStore
@@ -241,8 +241,9 @@ async def run_bench(
                 prefix = f"bench{suffix}r{round_number}"
                 prefixes.append(prefix)
                 isolated = dataclasses.replace(settings, redis_key_prefix=prefix)
-                velocity = VelocityStore.from_settings(redis, isolated)
-                assessments = AssessmentStore.from_settings(redis, isolated)
+                ordered = OrderedConnection(redis)  # as the service wires it
+                velocity = VelocityStore.from_settings(redis, isolated, ordered=ordered)
+                assessments = AssessmentStore.from_settings(redis, isolated, ordered=ordered)
                 await velocity.load_scripts()
                 await assessments.load_scripts()
                 service = ScoringService(

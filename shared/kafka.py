@@ -441,7 +441,8 @@ async def run_exactly_once(
 
     `pipeline_depth`: how many batches may be finishing and committing (one transaction after
     the other, in order) while the loop fetches and prepares the next one; 0 runs each batch to
-    its commit before fetching the next. With a depth, a transform runs before the batches
+    its commit before fetching the next. Finishes run one at a time in batch order, each as soon
+    as the one before it finished (overlapping that batch's commit). With a depth, a transform runs before the batches
     ahead of it are known to be committed, so whatever it stages for `on_batch` must be kept
     per batch (a queue, not one slot), and `on_discard()` tells it that every batch transformed
     but not yet committed was dropped and will be read again.
@@ -510,6 +511,9 @@ class _ExactlyOnceLoop:
         self._on_batch = on_batch
         self._on_discard = on_discard
         self._in_flight: deque[tuple[_Batch, asyncio.Task[None]]] = deque()
+        # set when the newest batch in flight has finished (its transform's second stage);
+        # only waited on while that batch is in flight
+        self._last_finished: asyncio.Future[None] | None = None
         self.stats = BatchStats()
 
     @property
@@ -549,20 +553,45 @@ class _ExactlyOnceLoop:
             await self.settle_all_quietly()  # a bug: what was finished before it still commits
             raise
         before = self._in_flight[-1][1] if self._in_flight else None
-        task = asyncio.create_task(self._commit(batch, before))
+        finished_before = self._last_finished if self._in_flight else None
+        self._last_finished = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._commit(batch, before, finished_before, self._last_finished)
+        )
         # The gate opens when the commit ends, even while this loop waits in `getmany`.
         task.add_done_callback(lambda _: self._gate.leave())
         self._in_flight.append((batch, task))
         while len(self._in_flight) > depth:
             await self._settle_oldest()
 
-    async def _commit(self, batch: _Batch, before: asyncio.Task[None] | None) -> None:
+    async def _commit(
+        self,
+        batch: _Batch,
+        before: asyncio.Task[None] | None,
+        finished_before: asyncio.Future[None] | None,
+        finished: asyncio.Future[None],
+    ) -> None:
+        """Finish the batch once the one before it finished (finishes run in batch order), then
+        produce and commit once the one before it committed (transactions run in order). The
+        finish overlaps the previous batch's commit: its Redis writes are idempotent and made
+        before its own commit, as always; if the previous commit fails, this batch is
+        discarded with it."""
+        try:
+            if finished_before is not None:
+                await asyncio.wait([finished_before])
+                if finished_before.cancelled() or finished_before.exception() is not None:
+                    raise _EarlierBatchFailed()
+            batch.outputs = await self._transform.finish(batch.prepared)
+            batch.prepared = None
+        except BaseException:
+            finished.set_exception(_EarlierBatchFailed())
+            finished.exception()  # retrieved: the next batch reads it through asyncio.wait
+            raise
+        finished.set_result(None)
         if before is not None:
             await asyncio.wait([before])
             if before.cancelled() or before.exception() is not None:
                 raise _EarlierBatchFailed()
-        batch.outputs = await self._transform.finish(batch.prepared)
-        batch.prepared = None
         producer = self._producer
         async with producer.transaction():
             futures = await produce_batched(producer, batch.outputs)

@@ -11,6 +11,8 @@ gives a client's pool connections the hiredis packer; the bytes on the wire are 
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -31,7 +33,14 @@ try:  # what redis-py's hiredis reader returns while a reply is incomplete
 except ImportError:  # pragma: no cover - other redis-py versions: hiredis's default
     _INCOMPLETE = False
 
-__all__ = ["pack", "packed_connection_class", "send_pipeline", "use_hiredis_packing"]
+__all__ = [
+    "OrderedConnection",
+    "PendingReplies",
+    "pack",
+    "packed_connection_class",
+    "send_pipeline",
+    "use_hiredis_packing",
+]
 
 _CLASSES: dict[type[Any], type[Any]] = {}
 
@@ -82,6 +91,27 @@ def pack(command: Sequence[str | bytes | int]) -> bytes:
     return b"".join(parts)
 
 
+async def _read_replies(conn: Connection, count: int) -> list[object]:
+    """`count` replies, raw, a ResponseError in the place of a command that failed. The replies
+    already buffered are taken straight from the hiredis reader when the connection has one
+    (redis-py's parser does the same, through two coroutines and its checks per reply: ~1.5 us
+    each, thousands per batch); redis-py reads the socket otherwise."""
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    gets = getattr(reader, "gets", None)
+    results: list[object] = []
+    for _ in range(count):
+        reply = gets(False) if gets is not None else _INCOMPLETE
+        if reply is _INCOMPLETE:  # nothing complete buffered: read the socket
+            try:
+                reply = await conn.read_response(disable_decoding=True)
+            except ResponseError as error:  # read on: the connection stays in step
+                reply = error
+        elif isinstance(reply, ConnectionError):
+            raise reply
+        results.append(reply)
+    return results
+
+
 async def send_pipeline(
     client: aioredis.Redis, commands: Sequence[Sequence[str | bytes | int]]
 ) -> list[object]:
@@ -96,28 +126,105 @@ async def send_pipeline(
     # redis-py leaves get_connection unannotated
     get_connection = cast(Callable[[str], Awaitable[Connection]], pool.get_connection)
     conn = await get_connection("PIPELINE")
-    # The replies already buffered are taken straight from the hiredis reader when the
-    # connection has one (redis-py's parser does the same, through two coroutines and its
-    # checks per reply: ~1.5 us each, thousands per batch); redis-py reads the socket otherwise.
-    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
-    gets = getattr(reader, "gets", None)
     try:
         await conn.send_packed_command([pack(command) for command in commands])
-        results: list[object] = []
-        for _ in commands:
-            reply = gets(False) if gets is not None else _INCOMPLETE
-            if reply is _INCOMPLETE:  # nothing complete buffered: read the socket
-                try:
-                    reply = await conn.read_response(disable_decoding=True)
-                except ResponseError as error:  # read on: the connection stays in step
-                    reply = error
-            elif isinstance(reply, ConnectionError):
-                raise reply
-            results.append(reply)
-        return results
+        return await _read_replies(conn, len(commands))
     except BaseException:
         # cancelled or broken halfway: replies may be pending, never reuse the connection
         await conn.disconnect()
         raise
     finally:
         await pool.release(conn)
+
+
+class PendingReplies:
+    """The replies of one `OrderedConnection.send`, read when awaited (`replies()`)."""
+
+    def __init__(self, channel: OrderedConnection, count: int) -> None:
+        self._channel = channel
+        self.count = count
+        self.future: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
+
+    async def replies(self) -> list[object]:
+        """Every reply, raw, a ResponseError in the place of a command that failed; raises
+        ConnectionError when the connection broke before they were read."""
+        return await self._channel.wait(self)
+
+
+class OrderedConnection:
+    """Calls pipelined on one dedicated connection of `client`'s pool, run by Redis in the order
+    they are sent (one connection's commands run in order): `send` writes a call's commands and
+    returns before Redis has run them, so the caller can queue its next call behind it. The
+    replies are read in the same order, whoever awaits them (a call nobody awaits has its
+    replies read, and dropped, when a later one is awaited).
+
+    Why (the scoring service): a batch's velocity call keeps Redis busy for tens of
+    milliseconds; sent only once the previous reply is in, Redis idles while the service reads
+    and decodes the next batch. Pooled connections cannot queue calls in order: two calls on
+    two connections may run in either order. And Redis runs a connection's queued commands
+    before it turns to another connection's, so a call that must not wait behind the queue (a
+    batch's assessment write) goes on the same connection, in its place.
+
+    A failure while sending or reading (or a reader cancelled halfway) leaves the connection out
+    of step: it is closed, every call not yet read fails with ConnectionError (the callers
+    retry: their calls are idempotent), and the next `send` opens a new one."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: Connection | None = None
+        self._unread: deque[PendingReplies] = deque()
+        self._send_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
+
+    async def send(self, commands: Sequence[Sequence[str | bytes | int]]) -> PendingReplies:
+        packed = [pack(command) for command in commands]
+        async with self._send_lock:
+            if self._conn is None:
+                get_connection = cast(
+                    Callable[[str], Awaitable[Connection]], self._pool.get_connection
+                )
+                self._conn = await get_connection("PIPELINE")
+            pending = PendingReplies(self, len(commands))
+            self._unread.append(pending)
+            try:
+                await self._conn.send_packed_command(packed)
+            except BaseException as error:
+                await self._break(error)
+                raise
+            return pending
+
+    async def call(self, commands: Sequence[Sequence[str | bytes | int]]) -> list[object]:
+        """`send` and wait for the replies."""
+        return await (await self.send(commands)).replies()
+
+    async def wait(self, pending: PendingReplies) -> list[object]:
+        while not pending.future.done():
+            async with self._read_lock:
+                if pending.future.done():
+                    break
+                head = self._unread[0]
+                try:
+                    assert self._conn is not None  # kept while calls are unread
+                    replies = await _read_replies(self._conn, head.count)
+                except BaseException as error:
+                    await self._break(error)
+                    raise
+                self._unread.popleft()
+                head.future.set_result(replies)
+        return pending.future.result()
+
+    async def aclose(self) -> None:
+        """Give the connection back (closed: replies may be unread); unread calls fail."""
+        await self._break(ConnectionError("closed"))
+
+    async def _break(self, error: BaseException) -> None:
+        conn, self._conn = self._conn, None
+        failure = ConnectionError(f"the ordered Redis connection broke: {error!r}")
+        while self._unread:
+            pending = self._unread.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(failure)
+                pending.future.exception()  # retrieved: a waiter, if any, raises it
+        if conn is not None:
+            await conn.disconnect()
+            await self._pool.release(conn)

@@ -53,7 +53,7 @@ from shared.lifecycle import (
 from shared.logging import configure_logging, get_logger
 from shared.metrics import serve_metrics
 from shared.redis_client import make_redis
-from shared.redis_packing import use_hiredis_packing
+from shared.redis_packing import OrderedConnection, use_hiredis_packing
 from shared.scoring.assessments import AssessmentStore
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.features import FEATURE_NAMES
@@ -140,8 +140,16 @@ async def run_scoring(
         # Scoring's Lua calls carry thousands of arguments per batch: pack them with hiredis.
         redis = use_hiredis_packing(make_redis(settings))
         life.on_close("redis", redis.aclose)
-        velocity = VelocityStore.from_settings(redis, settings, call_mode=REDIS_CALL_MODE)
-        assessments = AssessmentStore.from_settings(redis, settings, call_mode=REDIS_CALL_MODE)
+        # One ordered connection for a batch's velocity call and its assessment write: the
+        # next batch's call queues behind this one's, and the writes run between them.
+        ordered = OrderedConnection(redis)
+        life.on_close("redis-ordered", ordered.aclose)
+        velocity = VelocityStore.from_settings(
+            redis, settings, call_mode=REDIS_CALL_MODE, ordered=ordered
+        )
+        assessments = AssessmentStore.from_settings(
+            redis, settings, call_mode=REDIS_CALL_MODE, ordered=ordered
+        )
         await retry_until_ready("redis", velocity.load_scripts, own_stop, deadline)
         await retry_until_ready("redis", assessments.load_scripts, own_stop, deadline)
 

@@ -30,6 +30,7 @@ are not part of any batch's outcome.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import Counter, deque
@@ -64,7 +65,7 @@ from shared.scoring.engine import DECISION_TO_PROTO, ReloadOutcome, ScoringEngin
 from shared.scoring.features import APPLIED, DUPLICATE, LATE, RAW_COLUMNS, TxRecord, VelocityBatch
 from shared.scoring.reloading import ReloadStatus
 from shared.scoring.rules import RuleMode
-from shared.scoring.velocity import VelocityStore
+from shared.scoring.velocity import PendingVelocity, VelocityStore
 
 __all__ = [
     "DLQ_HEADER_CODE",
@@ -197,14 +198,15 @@ class BatchOutcome:
 
 @dataclass
 class PreparedBatch:
-    """A batch between `prepare` and `finish`: its velocity is applied, nothing is scored."""
+    """A batch between `prepare` and `finish`: decoded, its velocity call sent (queued in
+    Redis behind the previous batch's), nothing scored."""
 
     outcome: BatchOutcome
     slots: list[OutputRecord | int]  # source order: a dead letter, or an index into `good`
     good: list[ConsumerRecord]
     txs: list[transaction_pb2.Transaction]
     tx_records: list[TxRecord]
-    velocity: VelocityBatch
+    velocity: PendingVelocity | None  # None: nothing to apply (and no turn taken)
 
 
 class ScoringMetrics:
@@ -314,6 +316,9 @@ class ScoringService:
         self._clock = clock
         # Outcomes of transformed batches not yet committed, oldest first (the pipeline depth).
         self._pending: deque[BatchOutcome] = deque()
+        # batches whose velocity call is sent and whose assessment write is not (see prepare)
+        self._unwritten = 0
+        self._turns = asyncio.Condition()
         self.totals = BatchOutcome()  # committed totals, for the shutdown log line and tests
         if metrics is not None:
             versions = engine.versions
@@ -389,33 +394,23 @@ class ScoringService:
             txs.append(tx)
             tx_records.append(tx_record)
 
-        velocity = VelocityBatch(np.empty((0, len(RAW_COLUMNS))))
+        velocity = None
         if good:
-            velocity, poisoned = await self._apply_isolating(tx_records)
-            if poisoned:
-                # Dead-letter them and renumber the rest (slots point into `good`).
-                keep = [i for i in range(len(good)) if i not in poisoned]
-                renumber = {old: new for new, old in enumerate(keep)}
-                for k, slot in enumerate(slots):
-                    if isinstance(slot, int):
-                        if slot in poisoned:
-                            bug = UnscorableRecord(
-                                INTERNAL_ERROR,
-                                f"the velocity script failed on it: {poisoned[slot]}",
-                            )
-                            outcome.rejected[bug.code] += 1
-                            slots[k] = self._reject(good[slot], bug)
-                        else:
-                            slots[k] = renumber[slot]
-                good = [good[i] for i in keep]
-                txs = [txs[i] for i in keep]
-                tx_records = [tx_records[i] for i in keep]
+            # Sent now, read in `finish`: Redis runs it while this process reads and decodes
+            # the next batch. At most two batches have their velocity call sent and their
+            # assessment write not yet sent: the writes then reach Redis between the velocity
+            # calls (V2, A1, V3, A2, ...) on the one ordered connection, never behind a queue.
+            async with self._turns:
+                await self._turns.wait_for(lambda: self._unwritten < 2)
+                self._unwritten += 1
+            velocity = await self._velocity.submit_batch(tx_records)
         return PreparedBatch(outcome, slots, good, txs, tx_records, velocity)
 
     async def finish(self, prepared: PreparedBatch) -> list[OutputRecord]:
         """Steps 4-6: score, encode, write the assessments; the batch's output records."""
+        velocity = await self._velocity_of(prepared)
         outcome, slots, good = prepared.outcome, prepared.slots, prepared.good
-        txs, tx_records, velocity = prepared.txs, prepared.tx_records, prepared.velocity
+        txs, tx_records = prepared.txs, prepared.tx_records
         encoded = []
         if good:
             result = self._engine.evaluate(tx_records, velocity)
@@ -429,6 +424,8 @@ class ScoringService:
             )
             decisions = result.decisions
             firsts = first_applications(velocity)
+            # the write is sent right away, before a velocity call waiting for this turn
+            await self._release_turn(prepared)
             await self._assessments.write_encoded(
                 [
                     AssessmentEntry(
@@ -455,6 +452,7 @@ class ScoringService:
             if declined:
                 self._log_declines(txs, result.assessments, declined)
 
+        await self._release_turn(prepared)  # when nothing was left to write
         outputs: list[OutputRecord] = []
         scores_topic = self._topics.scores
         for slot in slots:
@@ -472,6 +470,47 @@ class ScoringService:
             )
         self._pending.append(outcome)
         return outputs
+
+    async def _release_turn(self, prepared: PreparedBatch) -> None:
+        if prepared.velocity is not None:
+            prepared.velocity = None
+            async with self._turns:
+                self._unwritten -= 1
+                self._turns.notify_all()
+
+    async def _velocity_of(self, prepared: PreparedBatch) -> VelocityBatch:
+        """The batch's velocity results. A script error (a bug of ours on some odd input: it
+        must not become a poison pill that stops the partition) sends the batch through
+        `_apply_isolating`, and the records it fails on are dead-lettered here. (These
+        re-applications run after the calls queued behind this one: only this failed call's
+        records, in this bug path, can see the next batch applied before them.)"""
+        if prepared.velocity is None:
+            return VelocityBatch(np.empty((0, len(RAW_COLUMNS))))
+        try:
+            return await prepared.velocity.result()
+        except ResponseError as e:
+            log.error("velocity_script_failed_isolating", error=str(e)[:300])
+        velocity, poisoned = await self._apply_isolating(prepared.tx_records)
+        if poisoned:
+            # Dead-letter them and renumber the rest (slots point into `good`).
+            good, slots, outcome = prepared.good, prepared.slots, prepared.outcome
+            keep = [i for i in range(len(good)) if i not in poisoned]
+            renumber = {old: new for new, old in enumerate(keep)}
+            for k, slot in enumerate(slots):
+                if isinstance(slot, int):
+                    if slot in poisoned:
+                        bug = UnscorableRecord(
+                            INTERNAL_ERROR,
+                            f"the velocity script failed on it: {poisoned[slot]}",
+                        )
+                        outcome.rejected[bug.code] += 1
+                        slots[k] = self._reject(good[slot], bug)
+                    else:
+                        slots[k] = renumber[slot]
+            prepared.good = [good[i] for i in keep]
+            prepared.txs = [prepared.txs[i] for i in keep]
+            prepared.tx_records = [prepared.tx_records[i] for i in keep]
+        return velocity
 
     async def _apply_isolating(
         self, records: list[TxRecord]
@@ -519,6 +558,7 @@ class ScoringService:
         """`on_discard` of run_exactly_once: every batch transformed but not committed was
         dropped (it is read and scored again), so what it staged must not be counted."""
         self._pending.clear()
+        self._unwritten = 0  # their writes will not come; the loop is not preparing meanwhile
 
     def on_batch_committed(self, records_in: int, records_out: int, seconds: float) -> None:
         """`on_batch` of run_exactly_once: the oldest transformed batch has committed."""

@@ -81,7 +81,7 @@ from redis.exceptions import NoScriptError
 from protos.fraud.v1 import scoring_pb2
 from shared.config import Settings
 from shared.redis_client import account_key
-from shared.redis_packing import send_pipeline
+from shared.redis_packing import OrderedConnection, send_pipeline
 
 __all__ = [
     "DEFAULT_DECISION_CAP",
@@ -456,6 +456,7 @@ class AssessmentStore:
         prune_every_ms: int = DEFAULT_PRUNE_EVERY_MS,
         ttl_ms: int | None = None,
         call_mode: CallMode = "batch",
+        ordered: OrderedConnection | None = None,
     ) -> None:
         if call_mode not in ("batch", "slot"):
             raise ValueError(f"call_mode must be batch or slot, got {call_mode!r}")
@@ -493,10 +494,18 @@ class AssessmentStore:
         # The fast path pushes the decisions' expiry back once per this much of an account's
         # event time: a decision then outlives its retention whenever the account stops.
         self.refresh_every_ms = max(DAY_MS, (ttl - retention) // 2)
+        # write_encoded's connection when given: the velocity store's, so that a batch's write
+        # runs in its place among the queued velocity calls (see OrderedConnection)
+        self._ordered = ordered
 
     @classmethod
     def from_settings(
-        cls, redis: aioredis.Redis, settings: Settings, *, call_mode: CallMode = "batch"
+        cls,
+        redis: aioredis.Redis,
+        settings: Settings,
+        *,
+        call_mode: CallMode = "batch",
+        ordered: OrderedConnection | None = None,
     ) -> AssessmentStore:
         """Decisions kept twice the label delay (at least the delay plus 7 days)."""
         delay_ms = settings.scoring.label_delay_s * 1000
@@ -506,6 +515,7 @@ class AssessmentStore:
             settings.redis_key_prefix,
             decision_retention_ms=retention,
             call_mode=call_mode,
+            ordered=ordered,
         )
 
     # ---- keys
@@ -587,8 +597,14 @@ class AssessmentStore:
                 )
                 for entry in mine:
                     args += (_field(entry.transaction_id), f"{entry.event_ms} {entry.decision}")
-            commands.append(("EVALSHA", self._write.sha, str(len(keys)), *keys, *args))
-        replies = await self._send(commands)
+            commands.append(self._script_call(self._write, keys, args))
+        if self._ordered is not None:
+            replies = await self._ordered.call(commands)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+        else:
+            replies = await self._send(commands)
         return replaced + sum(int(cast(int, r)) for r in replies[counted:])
 
     def _fast_commands(
@@ -629,7 +645,7 @@ class AssessmentStore:
             commands.append(("PEXPIRE", dec, self._ttl_arg))
         if prune:
             newest = max(entry.event_ms for entry in mine)
-            commands.append(("EVALSHA", self._prune.sha, "1", dec, str(newest)))
+            commands.append(self._script_call(self._prune, [dec], [str(newest)]))
         return 1 if candidate is not None else 0
 
     async def match_labels(self, labels: Sequence[tuple[str, str, bool]]) -> list[LabelMatch]:
@@ -679,6 +695,16 @@ class AssessmentStore:
         for account in accounts:
             by_slot.setdefault(key_slot(f"{{acct:{account}}}".encode()), []).append(account)
         return list(by_slot.values())
+
+    def _script_call(
+        self, script: _Script, keys: list[str], args: Sequence[str | bytes]
+    ) -> tuple[str | bytes, ...]:
+        """A script call: by SHA on pooled connections (`_send` loads the scripts after a
+        NOSCRIPT and resends), in full on the ordered connection (where a resend would come
+        after the calls queued behind it; Redis caches the script by its SHA1)."""
+        if self._ordered is not None:
+            return ("EVAL", script.source, str(len(keys)), *keys, *args)
+        return ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
 
     async def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[object]:
         """One round trip; after NOSCRIPT (Redis restarted or flushed its scripts) the scripts

@@ -75,7 +75,7 @@ from redis.exceptions import NoScriptError
 
 from shared.config import Settings
 from shared.redis_client import account_key, terminal_key
-from shared.redis_packing import send_pipeline
+from shared.redis_packing import OrderedConnection, PendingReplies, send_pipeline
 from shared.scoring.features import (
     DAY_MS,
     DEFAULT_CONFIG,
@@ -94,7 +94,7 @@ from shared.scoring.features import (
     VelocitySnapshot,
 )
 
-__all__ = ["CallMode", "VelocityStore", "render_script"]
+__all__ = ["CallMode", "PendingVelocity", "VelocityStore", "render_script"]
 
 CallMode = Literal["batch", "slot", "per_tx"]
 
@@ -166,6 +166,7 @@ class VelocityStore:
         config: VelocityConfig = DEFAULT_CONFIG,
         *,
         call_mode: CallMode = "batch",
+        ordered: OrderedConnection | None = None,
     ) -> None:
         if call_mode not in ("batch", "slot", "per_tx"):
             raise ValueError(f"call_mode must be batch, slot or per_tx, got {call_mode!r}")
@@ -175,6 +176,8 @@ class VelocityStore:
         self.call_mode: CallMode = call_mode
         self._account = _Script.of(render_script("account.lua", config))
         self._terminal = _Script.of(render_script("terminal.lua", config))
+        # submit_batch's connection: shared with the assessment store by the scoring service
+        self._ordered = ordered if ordered is not None else OrderedConnection(redis)
 
     @classmethod
     def from_settings(
@@ -184,12 +187,13 @@ class VelocityStore:
         *,
         namespace: str | None = None,
         call_mode: CallMode = "batch",
+        ordered: OrderedConnection | None = None,
     ) -> VelocityStore:
         prefix = settings.redis_key_prefix
         if namespace:
             prefix = f"{prefix}:{namespace}"
         config = VelocityConfig.from_label_delay_s(settings.scoring.label_delay_s)
-        return cls(redis, prefix, config, call_mode=call_mode)
+        return cls(redis, prefix, config, call_mode=call_mode, ordered=ordered)
 
     # ---- keys
 
@@ -216,6 +220,24 @@ class VelocityStore:
         """Count the batch (idempotently) and return each transaction's raw velocity numbers,
         in order. Transactions of one account are applied in batch order."""
         return await self._run(txs, "A")
+
+    async def submit_batch(self, txs: Sequence[TxRecord]) -> PendingVelocity:
+        """`apply_batch` in two steps: the batch's calls are sent now, on the store's ordered
+        connection, and `await pending.result()` reads their results. Batches submitted one
+        after the other run in Redis in that order, so a caller can queue the next batch while
+        Redis still runs this one. The scripts go in full (EVAL; Redis caches them by their
+        SHA1, ~0.1 ms a call to hash it): a queued call cannot be retried in order after a
+        NOSCRIPT."""
+        calls = self._calls(txs, "A")
+        pending = None
+        if calls:
+            pending = await self._ordered.send(
+                [
+                    ("EVAL", c.script.source, len(c.keys), *c.keys, *c.args)
+                    for c in calls
+                ]
+            )  # fmt: skip
+        return PendingVelocity(self._assemble, len(txs), calls, pending)
 
     async def peek_batch(self, txs: Sequence[TxRecord]) -> VelocityBatch:
         """The numbers each transaction would get if applied now, without writing anything (a
@@ -290,14 +312,19 @@ class VelocityStore:
     # ---- internals
 
     async def _run(self, txs: Sequence[TxRecord], mode: str) -> VelocityBatch:
-        n = len(txs)
+        calls = self._calls(txs, mode)
+        return self._assemble(len(txs), calls, await self._execute(calls) if calls else [])
+
+    def _calls(self, txs: Sequence[TxRecord], mode: str) -> list[_Call]:
+        if not txs:
+            return []
+        return self._account_calls(txs, mode) + self._terminal_calls(txs, mode)
+
+    def _assemble(self, n: int, calls: list[_Call], replies: list[bytes]) -> VelocityBatch:
+        """The batch's results from its calls' replies."""
         raw = np.zeros((n, len(RAW_COLUMNS)), dtype=np.float64)
         raw[:, N_ACCOUNT] = NO_TERMINAL
-        if n == 0:
-            return VelocityBatch(raw)
         newest = np.zeros(n, dtype=np.bool_)
-        calls = self._account_calls(txs, mode) + self._terminal_calls(txs, mode)
-        replies = await self._execute(calls)
         for call, reply in zip(calls, replies, strict=True):
             if call.script is self._account:
                 rows, flags = _account_rows(reply, len(call.rows))
@@ -423,6 +450,35 @@ class VelocityStore:
                 raise TypeError(f"a velocity script replied {type(reply).__name__}, not bytes")
             out.append(reply)
         return out
+
+
+class PendingVelocity:
+    """A submitted batch (`VelocityStore.submit_batch`) whose results are not read yet."""
+
+    def __init__(
+        self,
+        assemble: Callable[[int, list[_Call], list[bytes]], VelocityBatch],
+        n: int,
+        calls: list[_Call],
+        pending: PendingReplies | None,
+    ) -> None:
+        self._assemble = assemble
+        self._n = n
+        self._calls = calls
+        self._pending = pending
+
+    async def result(self) -> VelocityBatch:
+        """The batch's results, as `apply_batch` returns them; a script error (ResponseError)
+        or a broken connection (ConnectionError) is raised."""
+        replies = await self._pending.replies() if self._pending is not None else []
+        out: list[bytes] = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+            if not isinstance(reply, bytes):
+                raise TypeError(f"a velocity script replied {type(reply).__name__}, not bytes")
+            out.append(reply)
+        return self._assemble(self._n, self._calls, out)
 
 
 def _time_fields(t: int) -> tuple[str, str, str, str, str]:

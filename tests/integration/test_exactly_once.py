@@ -48,6 +48,7 @@ class StagedCopy:
     discards: int = 0
     staged: deque[int] = field(default_factory=deque)
     committed: int = 0
+    finishing: bool = False
     after_commit: Callable[[], None] = lambda: None
 
     async def prepare(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
@@ -59,10 +60,17 @@ class StagedCopy:
         return records
 
     async def finish(self, records: list[ConsumerRecord]) -> list[OutputRecord]:
+        # Finishes run one at a time, in batch order (a batch's may overlap the commit of the
+        # one before it): what they stage is a queue.
+        assert not self.finishing, "two finishes ran at once"
+        self.finishing = True
         self.finishes += 1
-        await asyncio.sleep(0)  # a real finish awaits Redis: let the loop interleave
-        if self.finishes in self.fail_finish_on:
-            raise redis_errors.ConnectionError("injected: Redis went away in finish")
+        try:
+            await asyncio.sleep(0)  # a real finish awaits Redis: let the loop interleave
+            if self.finishes in self.fail_finish_on:
+                raise redis_errors.ConnectionError("injected: Redis went away in finish")
+        finally:
+            self.finishing = False
         self.staged.append(len(records))
         return [
             OutputRecord(self.out_topic, r.value or b"", key=r.key, timestamp_ms=r.timestamp)

@@ -1,5 +1,5 @@
-"""`send_pipeline` against real Redis: every reply in order, errors in their place, and the
-connection back in the pool in step (the next command gets its own reply)."""
+"""`send_pipeline` and `OrderedConnection` against real Redis: every reply in order and to its
+own caller, errors in their place, connections kept in step (or closed when they cannot be)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError
 
 from shared.config import Settings
-from shared.redis_packing import send_pipeline, use_hiredis_packing
+from shared.redis_packing import OrderedConnection, send_pipeline, use_hiredis_packing
 
 
 async def test_thousands_of_replies_in_order_with_an_error_in_place(
@@ -48,3 +48,47 @@ async def test_a_cancelled_pipeline_does_not_leave_a_connection_out_of_step(
     for i in range(50):
         assert await redis.set(f"{prefix}:after:{i}", str(i)) is True
         assert await redis.get(f"{prefix}:after:{i}") == str(i).encode()
+
+
+async def test_ordered_calls_run_in_send_order_and_reply_to_their_own_caller(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Calls sent one after the other run in that order (each appends to one list), each
+    caller gets its own replies whichever is awaited first, and a call nobody awaits does not
+    shift the replies of the next."""
+    key = f"{settings.redis_key_prefix}:ordered"
+    channel = OrderedConnection(redis)
+    try:
+        first = await channel.send([("RPUSH", key, "a"), ("LRANGE", key, 0, -1)])
+        abandoned = await channel.send([("RPUSH", key, "b")])
+        second = await channel.send([("RPUSH", key, "c"), ("INCR", key), ("LLEN", key)])
+        # awaited out of order: the first call's replies are read (and kept) on the way
+        (pushed, wrong_type, length) = await second.replies()
+        assert pushed == 3 and length == 3
+        assert isinstance(wrong_type, ResponseError)
+        assert await first.replies() == [1, [b"a"]]
+        assert await channel.call([("LRANGE", key, 0, -1)]) == [[b"a", b"b", b"c"]]
+        del abandoned
+    finally:
+        await channel.aclose()
+
+
+async def test_a_broken_ordered_connection_fails_every_unread_call_and_reconnects(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    key = f"{settings.redis_key_prefix}:broken"
+    channel = OrderedConnection(redis)
+    try:
+        slow = await channel.send([("BLPOP", f"{key}:empty", "0.5")])  # blocks this connection
+        queued = await channel.send([("SET", key, "queued")])
+        reader = asyncio.ensure_future(slow.replies())
+        await asyncio.sleep(0.05)
+        reader.cancel()  # a reader cancelled halfway: the connection is out of step
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        with pytest.raises(ConnectionError):
+            await queued.replies()
+        # the next call opens a new connection and is answered in step
+        assert await channel.call([("SET", key, "after"), ("GET", key)]) == [b"OK", b"after"]
+    finally:
+        await channel.aclose()

@@ -63,6 +63,20 @@ class FakeVelocity:
             results.append(self.reference.apply(record))
         return VelocityBatch.from_results(results)
 
+    async def submit_batch(self, records: list[TxRecord]) -> FakePending:
+        return FakePending(self, records)
+
+
+class FakePending:
+    """A submitted batch: applied when its result is read (results are read in order)."""
+
+    def __init__(self, velocity: FakeVelocity, records: list[TxRecord]) -> None:
+        self.velocity = velocity
+        self.records = records
+
+    async def result(self) -> VelocityBatch:
+        return await self.velocity.apply_batch(self.records)
+
 
 class FakeAssessments:
     def __init__(self) -> None:
