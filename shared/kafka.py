@@ -442,10 +442,10 @@ async def run_exactly_once(
     `pipeline_depth`: how many batches may be finishing and committing (one transaction after
     the other, in order) while the loop fetches and prepares the next one; 0 runs each batch to
     its commit before fetching the next. Finishes run one at a time in batch order, each as soon
-    as the one before it finished (overlapping that batch's commit). With a depth, a transform runs before the batches
-    ahead of it are known to be committed, so whatever it stages for `on_batch` must be kept
-    per batch (a queue, not one slot), and `on_discard()` tells it that every batch transformed
-    but not yet committed was dropped and will be read again.
+    as the one before it finished (overlapping that batch's commit). With a depth, a transform
+    runs before the batches ahead of it are known to be committed, so whatever it stages for
+    `on_batch` must be kept per batch (a queue, not one slot), and `on_discard()` tells it that
+    every batch transformed but not yet committed was dropped and will be read again.
     """
     staged = (
         transform if isinstance(transform, StagedTransform) else StagedTransform(transform, _as_is)
