@@ -60,7 +60,7 @@ from shared.dlq import (
 from shared.kafka import ConsumerRecord, OutputRecord, StagedTransform
 from shared.logging import get_logger
 from shared.scoring.assessments import AssessmentEntry, AssessmentStore, FirstApplication
-from shared.scoring.decision import Assessment, Decision
+from shared.scoring.decision import BatchAssessment, Decision
 from shared.scoring.engine import DECISION_TO_PROTO, ReloadOutcome, ScoringEngine
 from shared.scoring.features import APPLIED, DUPLICATE, LATE, RAW_COLUMNS, TxRecord, VelocityBatch
 from shared.scoring.reloading import ReloadStatus
@@ -450,7 +450,7 @@ class ScoringService:
             outcome.input_age_s = now_ms / 1000 - min(timestamps) / 1000
             declined = [i for i, d in enumerate(decisions) if d is Decision.DECLINE]
             if declined:
-                self._log_declines(txs, result.assessments, declined)
+                self._log_declines(txs, result.assessed, declined)
 
         await self._release_turn(prepared)  # when nothing was left to write
         outputs: list[OutputRecord] = []
@@ -537,7 +537,7 @@ class ScoringService:
     @staticmethod
     def _log_declines(
         txs: Sequence[transaction_pb2.Transaction],
-        assessments: Sequence[Assessment],
+        assessed: BatchAssessment,
         positions: list[int],
     ) -> None:
         # DECLINEs are rare and what an operator looks for in the log; APPROVE/REVIEW are
@@ -545,13 +545,12 @@ class ScoringService:
         # lines per batch: a rules mistake that declines everything must not flood the log.
         for i in positions[:20]:
             tx = txs[i]
-            assessment = assessments[i]
             log.info(
                 "transaction_declined",
                 transaction_id=_printable(tx.transaction_id),
                 account_id=_printable(tx.account_id),
-                score=round(assessment.score, 4),
-                reasons=[r.code for r in assessment.reasons[:5]],
+                score=round(float(assessed.scores[i]), 4),
+                reasons=[r.code for r in assessed.reasons_of(i)[:5]],
             )
 
     def on_batches_discarded(self) -> None:

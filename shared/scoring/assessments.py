@@ -72,7 +72,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -119,8 +119,7 @@ class LabelStatus:
     CHANGED = 3  # the verdict flipped (a chargeback withdrawn): move the count
 
 
-@dataclass(frozen=True, slots=True)
-class FirstApplication:
+class FirstApplication(NamedTuple):
     """What the velocity store reported for a transaction it applied for the first time (status
     APPLIED) in this batch. No decision can be recorded for such a transaction yet, so writing
     it needs no read: the store's fast path (see the module docstring)."""
@@ -130,8 +129,7 @@ class FirstApplication:
     count_30d: int  # the account's transactions in the 30 days ending at it, itself included
 
 
-@dataclass(frozen=True, slots=True)
-class AssessmentEntry:
+class AssessmentEntry(NamedTuple):
     """What the store keeps of one scored transaction. `payload` is the serialized
     ScoredTransaction to keep as the account's latest (without its features map); it is only
     sent to Redis when the entry is the newest of its account in the batch. `first` carries the

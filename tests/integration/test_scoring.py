@@ -781,8 +781,7 @@ def applied(
 ) -> AssessmentEntry:
     """The entry the scoring service writes for a transaction the velocity store applied for
     the first time: the fast path."""
-    return dataclasses.replace(
-        entry_of(scored(tx, decision)),
+    return entry_of(scored(tx, decision))._replace(
         first=FirstApplication(in_order=in_order, previous_ms=previous_ms, count_30d=count_30d),
     )
 
