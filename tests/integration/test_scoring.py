@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
 
 from protos.fraud.v1 import scoring_pb2, transaction_pb2
 from services.scoring.__main__ import ScoringRun, run_scoring
@@ -37,6 +38,7 @@ from shared.dlq import DLQ_HEADER_CODE, DLQ_HEADER_SOURCE_OFFSET, DLQ_HEADER_SOU
 from shared.kafka import make_admin, make_consumer, make_transactional_producer
 from shared.kafka import transactional_id as make_transactional_id
 from shared.redis_client import make_redis
+from shared.redis_packing import OrderedConnection
 from shared.scoring.assessments import (
     AssessmentEntry,
     AssessmentStore,
@@ -702,6 +704,48 @@ async def test_labels_move_terminal_risk_and_live_precision_recall(
     assert metric(registry, "fraudstream_scoring_label_verdicts_total", cell="tn") == 1
     assert metric(registry, "fraudstream_scoring_live_recall") == 0.0
     assert run.labels is not None and run.labels.totals.outcomes["matched"] == 2
+
+
+def consumer_records(txs: list[transaction_pb2.Transaction], start: int) -> list[ConsumerRecord]:
+    out = []
+    for offset, tx in enumerate(txs, start):
+        key, value, _ = valid_record(tx)
+        out.append(ConsumerRecord("valid", 0, offset, 0, 0, key, value, None, 0, 0, ()))
+    return out
+
+
+async def test_a_broken_ordered_connection_fails_the_batches_in_hand_and_they_score_again(
+    settings: Settings, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Two batches have their velocity calls queued on the ordered connection when it breaks:
+    both fail with ConnectionError (the loop then discards them), and scored again they come
+    out as if the first attempt never happened: each transaction counted once."""
+    settings = with_files(settings, tmp_path)
+    ordered = OrderedConnection(redis)
+    service = ScoringService(
+        topics=settings.topics,
+        engine=ScoringEngine.from_settings(settings.scoring),
+        velocity=VelocityStore.from_settings(redis, settings, ordered=ordered),
+        assessments=AssessmentStore.from_settings(redis, settings, ordered=ordered),
+    )
+    first = consumer_records([make_tx(i, account="a") for i in range(3)], 0)
+    second = consumer_records([make_tx(i, account="a") for i in range(3, 6)], 3)
+    try:
+        in_hand = [await service.prepare(first), await service.prepare(second)]
+        await ordered.aclose()  # as when Redis drops the connection
+        for prepared in in_hand:
+            with pytest.raises(redis_errors.ConnectionError):
+                await service.finish(prepared)
+        service.on_batches_discarded()
+        outputs = await service.finish(await service.prepare(first))
+        outputs += await service.finish(await service.prepare(second))
+    finally:
+        await ordered.aclose()
+    scores = [scoring_pb2.ScoredTransaction.FromString(o.value) for o in outputs]
+    # whether or not the first attempt's calls ran, the sixth payment is the account's sixth
+    assert [s.features["count_1h"] for s in scores] == [1, 2, 3, 4, 5, 6]
+    latest = await AssessmentStore.from_settings(redis, settings).latest("a")
+    assert latest is not None and latest.transaction.transaction_id == "tx-5"
 
 
 # --- the assessment store against real Redis --------------------------------------------------
