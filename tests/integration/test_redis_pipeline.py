@@ -4,6 +4,7 @@ own caller, errors in their place, connections kept in step (or closed when they
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,6 +12,14 @@ from redis.exceptions import ConnectionError, ResponseError
 
 from shared.config import Settings
 from shared.redis_packing import OrderedConnection, send_pipeline, use_hiredis_packing
+
+
+@pytest.fixture(autouse=True)
+async def _clean_keys(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[None]:
+    yield
+    keys = [k async for k in redis.scan_iter(match=f"{settings.redis_key_prefix}:*")]
+    for start in range(0, len(keys), 500):
+        await redis.unlink(*keys[start : start + 500])
 
 
 async def test_thousands_of_replies_in_order_with_an_error_in_place(
