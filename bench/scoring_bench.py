@@ -11,8 +11,9 @@ batches in flight, the garbage collector tuned as the services tune it):
   * passthrough: forwards every record's key and value unchanged (the Kafka floor);
   * scoring: the real `ScoringService.stages` with the shipped rules and model
     (SCORING_RULES_PATH / SCORING_MODEL_PATH): decode, one velocity Lua call for the accounts
-    and one for the terminals, one numpy evaluation, the ScoredTransactions, one assessment-store
-    call, in a fresh Redis namespace per round (so every round applies, none replays).
+    and one for the terminals, one numpy evaluation, the ScoredTransactions, the assessment
+    writes, on one ordered Redis connection as the service wires it, in a fresh Redis namespace
+    per round (so every round applies, none replays).
 
 Throughput is records over the time from the first batch's start to the last batch's commit (the
 consumer-group join is not counted for either). Legs alternate and medians are reported, with
