@@ -283,7 +283,8 @@ async def run_bench(
                     f"scoring {scoring.rate:8.0f} tx/s, "
                     f"ratio {scoring.rate / max(passthrough.rate, 1e-9):.2f} "
                     f"(scoring CPU/tx: {scoring.cpu_us_per_record:.1f} us here, "
-                    f"{scoring.redis_cpu_us_per_record:.1f} us Redis; "
+                    f"{scoring.redis_cpu_us_per_record:.1f} us Redis, its main thread "
+                    f"{scoring.redis_cpu_us_per_record * scoring.rate / 1e4:.0f}% busy; "
                     f"{scoring.records / max(scoring.batches, 1):.0f} per batch)",
                     flush=True,
                 )
