@@ -277,6 +277,7 @@ async def run_bench(
                     on_discard=service.on_batches_discarded,
                     redis=redis,
                 )
+                await ordered.aclose()  # its pool connection back for the next round
                 rounds_run.append((passthrough, scoring))
                 print(
                     f"  round {round_number + 1}: passthrough {passthrough.rate:8.0f} tx/s, "

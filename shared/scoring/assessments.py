@@ -597,10 +597,7 @@ class AssessmentStore:
                     args += (_field(entry.transaction_id), f"{entry.event_ms} {entry.decision}")
             commands.append(self._script_call(self._write, keys, args))
         if self._ordered is not None:
-            replies = await self._ordered.call(commands)
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise reply
+            replies = _raise_first_error(await self._ordered.call(commands))
         else:
             replies = await self._send(commands)
         return replaced + sum(int(cast(int, r)) for r in replies[counted:])
@@ -723,7 +720,12 @@ class AssessmentStore:
                 break
             await self.load_scripts()
             pending = missing
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies
+        return _raise_first_error(replies)
+
+
+def _raise_first_error(replies: list[object]) -> list[object]:
+    """`replies`, once every one is in; the first error among them is raised."""
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return replies

@@ -442,14 +442,7 @@ class VelocityStore:
                 break
             await self.load_scripts()
             pending = missing
-        out: list[bytes] = []
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-            if not isinstance(reply, bytes):
-                raise TypeError(f"a velocity script replied {type(reply).__name__}, not bytes")
-            out.append(reply)
-        return out
+        return _script_replies(replies)
 
 
 class PendingVelocity:
@@ -471,14 +464,19 @@ class PendingVelocity:
         """The batch's results, as `apply_batch` returns them; a script error (ResponseError)
         or a broken connection (ConnectionError) is raised."""
         replies = await self._pending.replies() if self._pending is not None else []
-        out: list[bytes] = []
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-            if not isinstance(reply, bytes):
-                raise TypeError(f"a velocity script replied {type(reply).__name__}, not bytes")
-            out.append(reply)
-        return self._assemble(self._n, self._calls, out)
+        return self._assemble(self._n, self._calls, _script_replies(replies))
+
+
+def _script_replies(replies: Sequence[object]) -> list[bytes]:
+    """The scripts' replies as bytes; the first error among them is raised."""
+    out: list[bytes] = []
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+        if not isinstance(reply, bytes):
+            raise TypeError(f"a velocity script replied {type(reply).__name__}, not bytes")
+        out.append(reply)
+    return out
 
 
 def _time_fields(t: int) -> tuple[str, str, str, str, str]:
