@@ -177,14 +177,18 @@ class OrderedConnection:
         self._read_lock = asyncio.Lock()
 
     async def send(self, commands: Sequence[Sequence[str | bytes | int]]) -> PendingReplies:
-        packed = [pack(command) for command in commands]
+        return await self.send_packed([pack(command) for command in commands])
+
+    async def send_packed(self, packed: Sequence[bytes]) -> PendingReplies:
+        """`send` of commands already packed (`pack`, one command each): a caller that must
+        send at a given moment packs first, so that the moment costs only the write."""
         async with self._send_lock:
             if self._conn is None:
                 get_connection = cast(
                     Callable[[str], Awaitable[Connection]], self._pool.get_connection
                 )
                 self._conn = await get_connection("PIPELINE")
-            pending = PendingReplies(self, len(commands))
+            pending = PendingReplies(self, len(packed))
             self._unread.append(pending)
             try:
                 await self._conn.send_packed_command(packed)

@@ -403,11 +403,12 @@ class ScoringService:
             # the next batch. At most _VELOCITY_AHEAD batches have their velocity call sent and
             # their assessment write not yet sent: the writes then reach Redis between the
             # velocity calls (V2, A1, V3, A2, ...) on the one ordered connection, never behind a
-            # queue of them.
+            # queue of them. Packed before the turn: when it comes, Redis may have little queued.
+            packed = self._velocity.pack_batch(tx_records)
             async with self._turns:
                 await self._turns.wait_for(lambda: self._unwritten < _VELOCITY_AHEAD)
                 self._unwritten += 1
-            velocity = await self._velocity.submit_batch(tx_records)
+            velocity = await packed.submit()
         return PreparedBatch(outcome, slots, good, txs, tx_records, velocity)
 
     async def finish(self, prepared: PreparedBatch) -> list[OutputRecord]:

@@ -75,7 +75,7 @@ from redis.exceptions import NoScriptError
 
 from shared.config import Settings
 from shared.redis_client import account_key, terminal_key
-from shared.redis_packing import OrderedConnection, PendingReplies, send_pipeline
+from shared.redis_packing import OrderedConnection, PendingReplies, pack, send_pipeline
 from shared.scoring.features import (
     DAY_MS,
     DEFAULT_CONFIG,
@@ -94,7 +94,7 @@ from shared.scoring.features import (
     VelocitySnapshot,
 )
 
-__all__ = ["CallMode", "PendingVelocity", "VelocityStore", "render_script"]
+__all__ = ["CallMode", "PackedVelocity", "PendingVelocity", "VelocityStore", "render_script"]
 
 CallMode = Literal["batch", "slot", "per_tx"]
 
@@ -176,7 +176,7 @@ class VelocityStore:
         self.call_mode: CallMode = call_mode
         self._account = _Script.of(render_script("account.lua", config))
         self._terminal = _Script.of(render_script("terminal.lua", config))
-        # submit_batch's connection: shared with the assessment store by the scoring service
+        # pack_batch's connection: shared with the assessment store by the scoring service
         self._ordered = ordered if ordered is not None else OrderedConnection(redis)
 
     @classmethod
@@ -221,23 +221,17 @@ class VelocityStore:
         in order. Transactions of one account are applied in batch order."""
         return await self._run(txs, "A")
 
-    async def submit_batch(self, txs: Sequence[TxRecord]) -> PendingVelocity:
-        """`apply_batch` in two steps: the batch's calls are sent now, on the store's ordered
-        connection, and `await pending.result()` reads their results. Batches submitted one
-        after the other run in Redis in that order, so a caller can queue the next batch while
-        Redis still runs this one. The scripts go in full (EVAL; Redis caches them by their
-        SHA1, ~0.1 ms a call to hash it): a queued call cannot be retried in order after a
-        NOSCRIPT."""
+    def pack_batch(self, txs: Sequence[TxRecord]) -> PackedVelocity:
+        """`apply_batch` in three steps. This one builds and packs the batch's calls (CPU only,
+        nothing sent); `await packed.submit()` sends them on the store's ordered connection; and
+        `await pending.result()` reads their results. Batches submitted one after the other run
+        in Redis in that order, so a caller can queue the next batch while Redis still runs this
+        one, and pack it before its turn to send comes. The scripts go in full (EVAL; Redis
+        caches them by their SHA1, ~0.1 ms a call to hash it): a queued call cannot be retried
+        in order after a NOSCRIPT."""
         calls = self._calls(txs, "A")
-        pending = None
-        if calls:
-            pending = await self._ordered.send(
-                [
-                    ("EVAL", c.script.source, len(c.keys), *c.keys, *c.args)
-                    for c in calls
-                ]
-            )  # fmt: skip
-        return PendingVelocity(self._assemble, len(txs), calls, pending)
+        packed = [pack(("EVAL", c.script.source, len(c.keys), *c.keys, *c.args)) for c in calls]
+        return PackedVelocity(self, len(txs), calls, packed)
 
     async def peek_batch(self, txs: Sequence[TxRecord]) -> VelocityBatch:
         """The numbers each transaction would get if applied now, without writing anything (a
@@ -445,8 +439,24 @@ class VelocityStore:
         return _script_replies(replies)
 
 
+class PackedVelocity:
+    """A batch's velocity calls, packed and not sent yet (`VelocityStore.pack_batch`)."""
+
+    def __init__(self, store: VelocityStore, n: int, calls: list[_Call], packed: list[bytes]):
+        self._store = store
+        self._n = n
+        self._calls = calls
+        self._packed = packed
+
+    async def submit(self) -> PendingVelocity:
+        """Send the calls on the store's ordered connection (Redis runs them after whatever was
+        sent on it before); their results are read with `await pending.result()`."""
+        pending = await self._store._ordered.send_packed(self._packed) if self._packed else None
+        return PendingVelocity(self._store._assemble, self._n, self._calls, pending)
+
+
 class PendingVelocity:
-    """A submitted batch (`VelocityStore.submit_batch`) whose results are not read yet."""
+    """A submitted batch (`PackedVelocity.submit`) whose results are not read yet."""
 
     def __init__(
         self,

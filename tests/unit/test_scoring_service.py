@@ -63,8 +63,19 @@ class FakeVelocity:
             results.append(self.reference.apply(record))
         return VelocityBatch.from_results(results)
 
-    async def submit_batch(self, records: list[TxRecord]) -> FakePending:
-        return FakePending(self, records)
+    def pack_batch(self, records: list[TxRecord]) -> FakePacked:
+        return FakePacked(self, records)
+
+
+class FakePacked:
+    """A packed batch: submitted as is."""
+
+    def __init__(self, velocity: FakeVelocity, records: list[TxRecord]) -> None:
+        self.velocity = velocity
+        self.records = records
+
+    async def submit(self) -> FakePending:
+        return FakePending(self.velocity, self.records)
 
 
 class FakePending:
