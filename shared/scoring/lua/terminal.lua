@@ -82,6 +82,20 @@ end
 
 local WIDTH = {1, 7, 30}
 
+-- "b" .. day turns a number into a string (a sprintf and a new string: ~1.5k instructions).
+-- The days a batch reads and prunes repeat from entry to entry, so each name is made once a
+-- call (measured with callgrind: -4% instructions per entry on the scoring benchmark's
+-- terminals, which mostly see a transaction every few days and so move their windows)
+local DAY_NAMES = {}
+local function day_name(idx)
+  local name = DAY_NAMES[idx]
+  if name == nil then
+    name = "b" .. idx
+    DAY_NAMES[idx] = name
+  end
+  return name
+end
+
 -- meta: M1 = wm, floor, label floor, next bucket prune, next index prune, #vt, #fraud ids, #late
 --       M2 = dw, then (transactions, fraud) of the windows of 1, 7, 30 days ending at day dw =
 --            day(wm - label delay) (running totals), next TTL refresh
@@ -165,7 +179,7 @@ local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
     local v = {n1, n7, n30, f1, f7, f30}
     local names, role = {}, {}
     for idx = dw + 1, dd do
-      names[#names + 1] = "b" .. idx
+      names[#names + 1] = day_name(idx)
       role[#role + 1] = 0
     end
     for w = 1, 3 do
@@ -188,7 +202,7 @@ local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
         end
       end
       for idx = first, last do
-        names[#names + 1] = "b" .. idx
+        names[#names + 1] = day_name(idx)
         role[#role + 1] = w
       end
     end
@@ -221,7 +235,7 @@ local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
       if lo < dd then
         local names = {}
         for idx = lo + 1, dd do
-          names[#names + 1] = "b" .. idx
+          names[#names + 1] = day_name(idx)
         end
         local got = call("HMGET", kc, unpack(names))
         for j = 1, #names do
@@ -333,7 +347,7 @@ local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
         start = bound
       end
       for idx = start, cut do
-        del[#del + 1] = "b" .. idx
+        del[#del + 1] = day_name(idx)
       end
     end
     if #del > 0 then
@@ -394,7 +408,7 @@ local function label_entry(kc, kz, txid, fraud, t_s, day_s)
   if fraud == "1" and not known then
     zn = zn + call("ZADD", kz, t_s, "f" .. txid)
     local c, f = bucket(m[3])
-    bname, bval = "b" .. day, pack(BUCKET, c, f + 1)
+    bname, bval = day_name(day), pack(BUCKET, c, f + 1)
     changed_day, delta = day, 1
     if zn > LABEL_CAP then
       local k = zn - LABEL_CAP
@@ -414,10 +428,10 @@ local function label_entry(kc, kz, txid, fraud, t_s, day_s)
     local od = floor(old / DAY)
     local v = m[3]
     if od ~= day then
-      v = call("HGET", kc, "b" .. od)
+      v = call("HGET", kc, day_name(od))
     end
     local c, f = bucket(v)
-    bname, bval = "b" .. od, pack(BUCKET, c, f - 1)
+    bname, bval = day_name(od), pack(BUCKET, c, f - 1)
     changed_day, delta = od, -1
   else
     return 0
