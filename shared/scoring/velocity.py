@@ -325,7 +325,7 @@ class VelocityStore:
                 raw[call.rows, :N_ACCOUNT] = rows
                 newest[call.rows] = flags
             else:
-                raw[call.rows, N_ACCOUNT:] = _rows(reply, N_TERMINAL, len(call.rows))
+                raw[call.rows, N_ACCOUNT:] = _terminal_rows(reply, len(call.rows))
         return VelocityBatch(raw, newest)
 
     def _groups(
@@ -511,13 +511,48 @@ def _rows(reply: bytes, width: int, count: int) -> FloatArray:
     return rows.reshape(count, width)
 
 
+# The records the scripts store for replays and return (account.lua's REC: the transaction's
+# own location, which only a stored record needs, then the 18 values; terminal.lua's REC: the
+# six values), as numpy reads them: packed, little-endian.
+_ACCOUNT_RECORD: Final = np.dtype(
+    [("located", "u1"), ("lat", "<f8"), ("lon", "<f8")]
+    + [
+        (name, "<i4" if kind == "i" else "<f8")
+        for name, kind in zip(
+            RAW_COLUMNS[1:N_ACCOUNT],
+            "ifififififiiifffff",  # counts and distinct counts int32, the rest doubles
+            strict=True,
+        )
+    ]
+)
+_TERMINAL_RECORD: Final = np.dtype(("<i4", (N_TERMINAL - 1,)))
+
+
 def _account_rows(reply: bytes, count: int) -> tuple[FloatArray, BoolArray]:
-    """The account script's reply: `count` rows, then one "newest" byte per row."""
-    size = count * N_ACCOUNT * 8
+    """The account script's reply: `count` records, then one byte per entry (status * 2 +
+    newest); as rows of doubles (status, the 18 values) and the "newest" flags."""
+    size = count * _ACCOUNT_RECORD.itemsize
     if len(reply) != size + count:
         raise ValueError(f"account script returned {len(reply)} bytes, expected {size + count}")
-    flags = np.frombuffer(reply, dtype=np.uint8, offset=size) == 1
-    return _rows(reply[:size], N_ACCOUNT, count), flags
+    records = np.frombuffer(reply, dtype=_ACCOUNT_RECORD, count=count)
+    flags = np.frombuffer(reply, dtype=np.uint8, offset=size)
+    rows = np.empty((count, N_ACCOUNT), dtype=np.float64)
+    rows[:, 0] = flags >> 1
+    for column, name in enumerate(RAW_COLUMNS[1:N_ACCOUNT], start=1):
+        rows[:, column] = records[name]
+    return rows, (flags & 1) == 1
+
+
+def _terminal_rows(reply: bytes, count: int) -> FloatArray:
+    """The terminal script's reply: `count` records, then one status byte per entry; as rows of
+    doubles (status, the six values)."""
+    size = count * _TERMINAL_RECORD.itemsize
+    if len(reply) != size + count:
+        raise ValueError(f"terminal script returned {len(reply)} bytes, expected {size + count}")
+    rows = np.empty((count, N_TERMINAL), dtype=np.float64)
+    rows[:, 0] = np.frombuffer(reply, dtype=np.uint8, offset=size)
+    rows[:, 1:] = np.frombuffer(reply, dtype=_TERMINAL_RECORD, count=count)
+    return rows
 
 
 def _glob_escape(text: str) -> str:
