@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -99,6 +100,10 @@ __all__ = ["CallMode", "PackedVelocity", "PendingVelocity", "VelocityStore", "re
 CallMode = Literal["batch", "slot", "per_tx"]
 
 _DAY_LESS_1: Final = DAY_MS - 1
+# An entry's numbers as the scripts unpack them: account number, event ms, amount (1e-4 major
+# units); terminal number, event ms. Little-endian, no padding: struct.unpack("<Idd") in Lua.
+_account_head: Final = struct.Struct("<Idd").pack
+_terminal_head: Final = struct.Struct("<Id").pack
 _PLACEHOLDER: Final = re.compile(r"__[A-Z_]+__")
 
 
@@ -149,7 +154,7 @@ class _Script:
 class _Call:
     script: _Script
     keys: list[str]
-    args: list[str]
+    args: Sequence[str | bytes]
     rows: list[int]  # the batch positions the reply's rows belong to, in order
 
 
@@ -243,7 +248,8 @@ class VelocityStore:
         """The account's windows ending at `now_ms`; None when the store has never seen it."""
         keys = list(self.account_keys(account_id))
         now = int(now_ms)
-        args = ["S", "1", "", *_time_fields(now), "0", "", "", "", ""]
+        args: list[str | bytes] = ["S", _account_head(1, now, 0), "", *_time_fields(now)]
+        args += ("", "", "", "")  # no merchant, country, device or location
         call = _Call(self._account, keys, args, [0])
         (reply,) = await self._execute([call])
         row = _account_rows(reply, 1)[0][0]
@@ -350,27 +356,28 @@ class VelocityStore:
         calls: list[_Call] = []
         account_keys = self.account_keys
         for group in self._groups(list(range(len(txs))), lambda i: txs[i].account_id, "acct"):
-            index: dict[str, str] = {}
+            index: dict[str, int] = {}
             keys: list[str] = []
-            parts: list[str] = [mode]
+            parts: list[str | bytes] = [mode]
             extend = parts.extend
             for i in group:
                 tx = txs[i]
                 account = tx.account_id
                 number = index.get(account)
                 if number is None:
-                    number = index[account] = str(len(index) + 1)
+                    number = index[account] = len(index) + 1
                     keys.extend(account_keys(account))
                 lat, t = tx.latitude, tx.event_ms
                 extend(
                     (
-                        number,
+                        # the numbers the script computes with, packed: one struct.unpack
+                        # there, not a strtod per number
+                        _account_head(number, t, tx.amount_scaled),
                         tx.transaction_id,
-                        # times, bucket names and score bounds go as strings: the script then
-                        # builds field names and scores by concatenation, not by formatting
-                        # numbers
+                        # times, bucket names and score bounds go as strings too: the script
+                        # then builds field names and scores by concatenation, not by
+                        # formatting numbers
                         *_time_fields(t),
-                        str(tx.amount_scaled),
                         tx.merchant_id,
                         tx.country,
                         tx.device_id,
@@ -388,22 +395,22 @@ class VelocityStore:
             return calls
         terminal_keys = self.terminal_keys
         for group in self._groups(positions, lambda i: txs[i].terminal_id, "term"):
-            index: dict[str, str] = {}
+            index: dict[str, int] = {}
             keys: list[str] = []
-            parts: list[str] = [mode]
+            parts: list[str | bytes] = [mode]
             extend = parts.extend
             for i in group:
                 tx = txs[i]
                 terminal = tx.terminal_id
                 number = index.get(terminal)
                 if number is None:
-                    number = index[terminal] = str(len(index) + 1)
+                    number = index[terminal] = len(index) + 1
                     keys.extend(terminal_keys(terminal))
                 t = tx.event_ms
                 ms = str(t)
                 extend(
                     (
-                        number,
+                        _terminal_head(number, t),
                         tx.transaction_id,
                         ms if len(ms) == 13 else ms.zfill(13),
                         f"b{t // DAY_MS}",  # the script computes the days from the ms

@@ -13,9 +13,10 @@
 --                    result (a replay returns it unchanged)
 --          vr  hash  <txid> -> stored result of a LATE transaction (rare: usually absent)
 -- ARGV[1]: "A" apply, "P" peek (no writes), "L" labels
--- ARGV[2..]: the entries. Transactions, four arguments each: terminal number (1-based, into
---          KEYS / 4), transaction id, event ms (13 digits), the field name of its day ("b<day>";
---          the days themselves are computed from the ms, no tonumber). Labels, five each:
+-- ARGV[2..]: the entries. Transactions, four arguments each: the numbers, packed
+--          little-endian ("<Id": terminal number, 1-based, into KEYS / 4; event ms: one
+--          struct.unpack, not two strtod), transaction id, event ms (13 digits), the field name
+--          of its day ("b<day>"; the days themselves are computed from the ms). Labels, five each:
 --          terminal number, transaction id, "1" fraud or "0" not, the labeled transaction's
 --          event ms, its day.
 -- Returns: A/P: per entry its record (the form stored for replays: count 1/7/30 d, fraud
@@ -134,9 +135,8 @@ local function add_day(dw, day, c, f, n1, n7, n30, f1, f7, f30)
   return n1, n7, n30, f1, f7, f30
 end
 
-local function tx_entry(kc, kz, kt, kr, txid, t_s, bname)
+local function tx_entry(kc, kz, kt, kr, t, txid, t_s, bname)
   -- t is a whole number below 2^53: the floors are exact (the client's // DAY)
-  local t = tonumber(t_s)
   local bt, dd = floor(t / DAY), floor((t - DELAY) / DAY)
   local m = call("HMGET", kc, "M1", "M2", bname)
   local wm0, fl, lf, np, vp, tn, zn, xn, dw, n1, n7, n30, f1, f7, f30, xp = read_meta(m[1], m[2])
@@ -465,9 +465,10 @@ else
   local statuses = {}
   local STATUS_BYTES = {"\0", "\1", "\2"} -- one byte per entry: no string made for it
   while i + 3 <= nf do
-    local base = (tonumber(F[i]) - 1) * 4
+    local number, t = unpack_struct("<Id", F[i])
+    local base = (number - 1) * 4
     local record, status = tx_entry(KEYS[base + 1], KEYS[base + 2], KEYS[base + 3],
-      KEYS[base + 4], F[i + 1], F[i + 2], F[i + 3])
+      KEYS[base + 4], t, F[i + 1], F[i + 2], F[i + 3])
     out[#out + 1] = record
     statuses[#statuses + 1] = STATUS_BYTES[status + 1]
     i = i + 4
