@@ -758,6 +758,12 @@ class LocalRedis(_LocalServer):
             "--daemonize", "no",  # we keep the pid; a daemonizing redis would hide it
             "--protected-mode", "no",
             "--logfile", "",  # stdout, which we send to redis.log
+            # An account's applied-transaction index (vt) holds members of ~150-180 bytes (the
+            # stored result of each): above the default 64, a sorted set leaves the compact
+            # listpack encoding for a skiplist. 256 keeps small ones compact: ~35% less
+            # velocity memory per account, same speed (measured in bench.scoring_bench). The
+            # same setting is in docker-compose.yml and recommended in the README.
+            "--zset-max-listpack-value", "256",
         ]  # fmt: skip
 
     def _ready(self, pid: int) -> bool:
