@@ -33,7 +33,10 @@ every redis.call costs 1-2 us and turning a Lua number into a string ~0.5 us, so
 running totals that read only what leaves them (O(1) amortized for in-order traffic), the
 distinct counts are one O(log n) ZCOUNT per kind (none when the kind's only member is the
 transaction's own), and the client sends times and bucket names as strings, each field an
-argument of its own (Redis builds ARGV in C; splitting one payload in Lua cost ~0.25 us a field).
+argument of its own (Redis builds ARGV in C; splitting one payload in Lua cost ~0.25 us a field),
+with the numbers the script computes with packed in one binary argument (one struct.unpack, not
+a strtod each). The scripts reply with the compact record they store for replays and a status
+byte per entry, which numpy decodes.
 A window is read only when something can leave it, and prunes and expiries that would do nothing
 are skipped, so an in-order transaction costs six to eight calls for its account and three or
 four for its terminal. The hash tag keeps an account's keys in one Cluster slot, so one script
