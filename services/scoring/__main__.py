@@ -57,7 +57,7 @@ from shared.redis_packing import OrderedConnection, use_hiredis_packing
 from shared.scoring.assessments import AssessmentStore
 from shared.scoring.engine import ScoringEngine
 from shared.scoring.features import FEATURE_NAMES
-from shared.scoring.velocity import VelocityStore
+from shared.scoring.velocity import VelocityStore, zset_encoding_advice
 
 __all__ = ["REDIS_CALL_MODE", "ScoringRun", "build_parser", "main", "run_scoring"]
 
@@ -152,6 +152,9 @@ async def run_scoring(
         )
         await retry_until_ready("redis", velocity.load_scripts, own_stop, deadline)
         await retry_until_ready("redis", assessments.load_scripts, own_stop, deadline)
+        advice = await zset_encoding_advice(redis)
+        if advice is not None:
+            log.warning("redis_config_advice", advice=advice)
 
         topics = settings.topics
         if create_topics:

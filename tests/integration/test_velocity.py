@@ -6,6 +6,7 @@ own under the test's `settings.redis_key_prefix`, removed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -18,8 +19,10 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from redis import exceptions as redis_exceptions
 
 from shared.config import Settings
+from shared.redis_client import make_redis
 from shared.scoring.features import (
     APPLIED,
     DAY_MS,
@@ -38,7 +41,12 @@ from shared.scoring.features import (
     build_feature_matrix,
     reference_features,
 )
-from shared.scoring.velocity import CallMode, VelocityStore
+from shared.scoring.velocity import (
+    RECOMMENDED_ZSET_LISTPACK_VALUE,
+    CallMode,
+    VelocityStore,
+    zset_encoding_advice,
+)
 
 T0 = int(datetime(2024, 5, 15, 12, tzinfo=UTC).timestamp() * 1000)
 
@@ -467,6 +475,53 @@ async def test_memory_per_account_is_bounded_whatever_the_volume(
     assert after.count_24h == pytest.approx(per_day + 1, abs=1)  # exact, under the id cap
     assert after.count_30d == pytest.approx(30 * per_day, rel=0.05)  # day buckets
     assert after.distinct_merchants_24h == after.count_24h  # a new merchant every time
+
+
+async def test_a_server_that_keeps_the_index_out_of_the_compact_encoding_gets_advice(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    (before,) = (await redis.config_get("zset-max-listpack-value")).values()
+    store = VelocityStore.from_settings(redis, settings, namespace=f"enc-{uuid.uuid4().hex[:6]}")
+    tx = TxRecord(f"enc-{'x' * 30}", "enc-acct", T0, 1500, merchant_id="m1")
+    try:
+        await redis.config_set("zset-max-listpack-value", 64)
+        advice = await zset_encoding_advice(redis)
+        assert advice is not None
+        assert "zset-max-listpack-value is 64" in advice
+        assert str(RECOMMENDED_ZSET_LISTPACK_VALUE) in advice
+        # what the advice is about: the index member (~170 bytes) leaves the listpack at 64
+        await store.apply_batch([tx])
+        _, _, kt, _ = store.account_keys(tx.account_id)
+        assert await redis.object("encoding", kt) == b"skiplist"
+
+        await redis.config_set("zset-max-listpack-value", RECOMMENDED_ZSET_LISTPACK_VALUE)
+        assert await zset_encoding_advice(redis) is None
+        other = dataclasses.replace(tx, account_id="enc-acct-2")
+        await store.apply_batch([other])
+        _, _, kt2, _ = store.account_keys(other.account_id)
+        assert await redis.object("encoding", kt2) == b"listpack"
+    finally:
+        await redis.config_set("zset-max-listpack-value", before)
+        await store.clear()
+
+
+async def test_no_advice_when_the_server_does_not_let_clients_read_its_config(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    # as managed Redis services do: a user without the CONFIG command
+    user = f"fs-noconfig-{uuid.uuid4().hex[:6]}"
+    await redis.acl_setuser(
+        user, enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-config"]
+    )
+    restricted = make_redis(settings)
+    restricted.connection_pool.connection_kwargs.update(username=user, password="secret")
+    try:
+        with pytest.raises(redis_exceptions.NoPermissionError):
+            await restricted.config_get("zset-max-listpack-value")
+        assert await zset_encoding_advice(restricted) is None
+    finally:
+        await restricted.aclose()
+        await redis.acl_deluser(user)
 
 
 async def test_clear_removes_only_its_namespace(redis: aioredis.Redis, settings: Settings) -> None:
