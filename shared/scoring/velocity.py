@@ -253,7 +253,7 @@ class VelocityStore:
         in order after a NOSCRIPT."""
         calls = self._calls(txs, "A")
         packed = [pack(("EVAL", c.script.source, len(c.keys), *c.keys, *c.args)) for c in calls]
-        return PackedVelocity(self, len(txs), calls, packed)
+        return PackedVelocity(self._ordered, self._assemble, len(txs), calls, packed)
 
     async def peek_batch(self, txs: Sequence[TxRecord]) -> VelocityBatch:
         """The numbers each transaction would get if applied now, without writing anything (a
@@ -466,8 +466,16 @@ class VelocityStore:
 class PackedVelocity:
     """A batch's velocity calls, packed and not sent yet (`VelocityStore.pack_batch`)."""
 
-    def __init__(self, store: VelocityStore, n: int, calls: list[_Call], packed: list[bytes]):
-        self._store = store
+    def __init__(
+        self,
+        ordered: OrderedConnection,
+        assemble: Callable[[int, list[_Call], list[bytes]], VelocityBatch],
+        n: int,
+        calls: list[_Call],
+        packed: list[bytes],
+    ) -> None:
+        self._ordered = ordered
+        self._assemble = assemble
         self._n = n
         self._calls = calls
         self._packed = packed
@@ -475,8 +483,8 @@ class PackedVelocity:
     async def submit(self) -> PendingVelocity:
         """Send the calls on the store's ordered connection (Redis runs them after whatever was
         sent on it before); their results are read with `await pending.result()`."""
-        pending = await self._store._ordered.send_packed(self._packed) if self._packed else None
-        return PendingVelocity(self._store._assemble, self._n, self._calls, pending)
+        pending = await self._ordered.send_packed(self._packed) if self._packed else None
+        return PendingVelocity(self._assemble, self._n, self._calls, pending)
 
 
 class PendingVelocity:
