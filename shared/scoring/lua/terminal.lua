@@ -58,6 +58,7 @@ local call = redis.call
 local pack, unpack_struct = struct.pack, struct.unpack
 local META = "<dddddddd"
 local REC = "<i4i4i4i4i4i4"
+local REC_BYTES = 24 -- six int32
 local BUCKET = "<i4i4"
 
 local MODE = ARGV[1]
@@ -147,7 +148,7 @@ local function tx_entry(kc, kz, kt, kr, t, txid, t_s, bname)
       for i = 1, #same do
         local n, pos = unpack_struct("<H", same[i])
         if sub(same[i], pos, pos + n - 1) == txid then
-          return sub(same[i], pos + n, pos + n + 23), DUPLICATE
+          return sub(same[i], pos + n, pos + n + REC_BYTES - 1), DUPLICATE
         end
       end
     end
