@@ -581,6 +581,10 @@ _ACCOUNT_RECORD: Final = np.dtype(
     ]
 )
 _TERMINAL_RECORD: Final = np.dtype(("<i4", (N_TERMINAL - 1,)))
+# The account record again, for struct: below _FEW rows it decodes faster than numpy's column
+# by column copies (~4 against ~16 us for the query service's one-row peeks; even at 8 rows).
+_ACCOUNT_RECORD_STRUCT: Final = struct.Struct("<Bdd" + "id" * 5 + "iii" + "ddddd")
+_FEW: Final = 8
 
 
 def _account_rows(reply: bytes, count: int) -> tuple[FloatArray, BoolArray]:
@@ -589,6 +593,14 @@ def _account_rows(reply: bytes, count: int) -> tuple[FloatArray, BoolArray]:
     size = count * _ACCOUNT_RECORD.itemsize
     if len(reply) != size + count:
         raise ValueError(f"account script returned {len(reply)} bytes, expected {size + count}")
+    if count < _FEW:
+        unpack, width = _ACCOUNT_RECORD_STRUCT.unpack_from, _ACCOUNT_RECORD.itemsize
+        flag_bytes = reply[size:]
+        rows = np.array(
+            [(flag_bytes[k] >> 1, *unpack(reply, k * width)[3:]) for k in range(count)],
+            dtype=np.float64,
+        ).reshape(count, N_ACCOUNT)
+        return rows, np.array([flag & 1 == 1 for flag in flag_bytes], dtype=np.bool_)
     records = np.frombuffer(reply, dtype=_ACCOUNT_RECORD, count=count)
     flags = np.frombuffer(reply, dtype=np.uint8, offset=size)
     rows = np.empty((count, N_ACCOUNT), dtype=np.float64)
